@@ -1,0 +1,34 @@
+# Two commands do everything: `make demo` and `make test`. Each creates .venv on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean-venv
+
+# A Python >= 3.10; 3.11 first (this project's pinned torch wheel is built for it).
+PYTHON_FOR_VENV = $(shell for p in python3.11 python3.12 python3.13 python3.10 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && { echo $$p; break; }; done)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	@if [ -z "$(PYTHON_FOR_VENV)" ]; then \
+		echo "lensbench needs Python 3.10 or newer and found none."; \
+		echo "On a Mac: install it from https://www.python.org/downloads/ or run 'brew install python@3.11', then run this again."; \
+		exit 1; fi
+	@[ -x $(PY) ] || $(PYTHON_FOR_VENV) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) demo.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_lens.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,77 @@
+"""Command line: `python -m tracing --prompt TEXT [--model M] [--backend hooks] ...`.
+
+Prints a per-layer table at the last position, or with --json exactly `LensResult.to_dict()`.
+Errors a user can cause are one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .api import BACKENDS
+from .errors import LensbenchError
+
+
+def lens_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tracing",
+        description="Per-layer next-token predictions (a logit lens) for a prompt.",
+    )
+    parser.add_argument("--prompt", required=True, help="the text to trace")
+    parser.add_argument("--model", default=None, help="a file or folder in models/, a path, or a hub id (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--backend", default="hooks", help=f"one of: {', '.join(BACKENDS)} (default: hooks)")
+    parser.add_argument("--top-k", type=int, default=5, help="tokens shown per layer (default: 5)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits before the softmax (default: 1)")
+    parser.add_argument("--target", default=None, help="a token to follow through the layers, e.g. ' Berlin'")
+    parser.add_argument("--last-only", action="store_true", help="trace only the last position (long prompts)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    return parser
+
+
+def run_lens(argv: list[str]) -> int:
+    args = lens_parser().parse_args(argv)
+    from .api import trace
+
+    result = trace(
+        args.prompt,
+        model=args.model,
+        backend=args.backend,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        target=args.target,
+        last_only=args.last_only,
+        device=args.device,
+    )
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(result.table())
+    return 0
+
+
+# Subcommands besides the default lens: name -> "module:function" taking argv, returning an exit code.
+COMMANDS = {"lens": "tracing.__main__:run_lens"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "lens"
+    module, function = COMMANDS[command].split(":")
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), function)(argv)
+    except LensbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

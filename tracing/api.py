@@ -1,0 +1,179 @@
+"""`trace`: one prompt in, a LensResult out, whichever backend computes it.
+
+Every backend implements the small `Tracer` protocol below (tokenize, capture residual rows,
+project rows to logits). Validation of the prompt and the target, and all the lens math,
+happen here and in `lens.py`, once for every backend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+import torch
+
+from .errors import BadPrompt, BadTarget, LensbenchError, UnsupportedModel
+from .lens import LensResult, build_result
+
+MAX_TOP_K = 100
+
+
+class Tracer(Protocol):
+    """What a backend provides for one loaded model."""
+
+    backend: str
+    model_name: str
+    context_length: int | None
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt token ids, with the special tokens the model expects at the start."""
+
+    def encode_target(self, text: str) -> list[int]:
+        """Token ids of a bare string (no special tokens)."""
+
+    def decode_one(self, token_id: int) -> str:
+        """The text of one token."""
+
+    def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
+        """Residual rows [N+1, positions, d] to project, and which lens made each of the first N rows."""
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rows [r, positions, d] -> logits [r, positions, vocab]."""
+
+    def lock(self):
+        """A context manager serializing use of the underlying model."""
+
+
+# Backend name -> "module:function" opening a Tracer for a model spec. Imported only when
+# used, so each backend pulls in its own heavy library only when chosen.
+BACKENDS: dict[str, str] = {
+    "hooks": "tracing.hooks:open_tracer",
+}
+
+
+def _opener(name: str) -> Callable[..., Tracer]:
+    import importlib
+
+    module, function = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+BACKEND_ALIASES = {"pytorch": "hooks", "torch": "hooks"}
+
+
+def backend_names() -> list[str]:
+    return list(BACKENDS)
+
+
+def open_tracer(model=None, backend: str = "hooks", **options) -> Tracer:
+    """Load (or reuse) `model` for `backend`."""
+    name = BACKEND_ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise UnsupportedModel(f"Unknown backend '{backend}'. Choose one of: {', '.join(BACKENDS)}.")
+    return _opener(name)(model, **options)
+
+
+def resolve_target(tracer: Tracer, target: str) -> tuple[str, int]:
+    """A target string must be exactly one token; say how it tokenizes when it is not."""
+    if target is None or target == "":
+        raise BadTarget("The target token is empty.")
+    ids = tracer.encode_target(target)
+    if len(ids) == 1:
+        return target, ids[0]
+    if not ids:
+        raise BadTarget(f"The target {target!r} is not a token of this model's vocabulary.")
+    pieces = " + ".join(repr(tracer.decode_one(i)) for i in ids)
+    hint = ""
+    if not target.startswith(" "):
+        spaced = tracer.encode_target(" " + target)
+        if len(spaced) == 1:
+            hint = f" With a leading space, {' ' + target!r} is one token: use that."
+    raise BadTarget(
+        f"The target {target!r} is {len(ids)} tokens for this model ({pieces}), not one. "
+        f"Pick a single token, e.g. {tracer.decode_one(ids[0])!r}.{hint}"
+    )
+
+
+def trace_with(
+    tracer: Tracer,
+    prompt: str,
+    *,
+    top_k: int = 5,
+    temperature: float = 1.0,
+    target: str | None = None,
+    last_only: bool = False,
+    ids: list[int] | None = None,
+) -> LensResult:
+    """Trace `prompt` (or ready token `ids`) with an opened tracer."""
+    if not 1 <= int(top_k) <= MAX_TOP_K:
+        raise BadPrompt(f"top-k must be between 1 and {MAX_TOP_K} (got {top_k}).")
+    if not temperature or temperature <= 0:
+        raise BadPrompt(f"The temperature must be above 0 (got {temperature}).")
+    if ids is None:
+        if prompt is None or not prompt.strip():
+            raise BadPrompt("The prompt is empty: type some text to trace.")
+        ids = tracer.encode(prompt)
+    if not ids:
+        raise BadPrompt("The prompt has no tokens.")
+    if tracer.context_length and len(ids) > tracer.context_length:
+        raise BadPrompt(
+            f"The prompt is {len(ids)} tokens, longer than this model's context of "
+            f"{tracer.context_length} tokens. Shorten it."
+        )
+    target_pair = resolve_target(tracer, target) if target else None
+    start = time.perf_counter()
+    with tracer.lock():
+        try:
+            hidden, kinds = tracer.residuals(ids, last_only)
+            positions = [len(ids) - 1] if last_only else list(range(len(ids)))
+            result = build_result(
+                hidden,
+                tracer.project,
+                model=tracer.model_name,
+                backend=tracer.backend,
+                token_ids=ids,
+                positions=positions,
+                decode_one=tracer.decode_one,
+                lens_kinds=kinds,
+                top_k=int(top_k),
+                temperature=float(temperature),
+                target=target_pair,
+            )
+        except torch.OutOfMemoryError:
+            from .errors import NotEnoughMemory
+
+            raise NotEnoughMemory(
+                f"Ran out of memory tracing {len(ids)} tokens. Shorten the prompt or trace the last position only."
+            ) from None
+    result.info["seconds"] = round(time.perf_counter() - start, 4)
+    return result
+
+
+def trace(
+    prompt: str,
+    model=None,
+    backend: str = "hooks",
+    top_k: int = 5,
+    temperature: float = 1.0,
+    target: str | None = None,
+    last_only: bool = False,
+    **options,
+) -> LensResult:
+    """Per-layer next-token predictions for `prompt`.
+
+    model: None for the bundled SmolLM2-135M-Instruct, a file or folder in models/, a path, or a hub id.
+    backend: "hooks" (PyTorch forward hooks on any transformers decoder); others as installed.
+    top_k: tokens kept per cell. temperature: divides the logits before the softmax.
+    target: a token (e.g. " Berlin") whose probability and rank are followed through the layers.
+    last_only: trace only the last position (for long prompts).
+    options: backend options, e.g. device="cpu".
+    """
+    if prompt is None or not str(prompt).strip():
+        raise BadPrompt("The prompt is empty: type some text to trace.")
+    tracer = open_tracer(model, backend, **options)
+    return trace_with(
+        tracer, prompt, top_k=top_k, temperature=temperature, target=target, last_only=last_only
+    )
+
+
+__all__ = ["trace", "trace_with", "open_tracer", "backend_names", "LensbenchError", "Tracer"]

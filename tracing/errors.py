@@ -1,0 +1,33 @@
+"""The errors a user can cause. Each message is written for a person, not a programmer.
+
+The CLI prints them as one line, the UI shows them as a message; anything else that
+escapes is a bug in lensbench.
+"""
+
+
+class LensbenchError(Exception):
+    """Base class: something the user can fix (a path, a prompt, a setting, memory)."""
+
+
+class ModelNotFound(LensbenchError):
+    """The named model is not a file, not a folder, not in models/, and not reachable online."""
+
+
+class BadModelFile(LensbenchError):
+    """The file exists but is not a readable model (wrong magic, truncated, corrupt)."""
+
+
+class UnsupportedModel(LensbenchError):
+    """The model is readable but this backend cannot run it; the message names one that can."""
+
+
+class NotEnoughMemory(LensbenchError):
+    """The model would not fit in this machine's memory (estimated before loading)."""
+
+
+class BadPrompt(LensbenchError):
+    """Empty prompt, or longer than the model's context."""
+
+
+class BadTarget(LensbenchError):
+    """The target string is not exactly one token of this model's vocabulary."""

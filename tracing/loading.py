@@ -1,0 +1,285 @@
+"""Loading a model into PyTorch (transformers), with the one in-process model cache.
+
+A GGUF is dequantized by transformers once (~18 s for SmolLM2), then saved as float32
+safetensors under the cache folder beside a fingerprint of the GGUF; later loads read the
+safetensors (~1 s). A changed GGUF has a new fingerprint, so its stale cache is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .device import default_dtype, pick_device
+from .errors import BadModelFile, LensbenchError, ModelNotFound, NotEnoughMemory, UnsupportedModel
+from .models import ModelSource, check_fits, fingerprint, human_bytes, read_gguf, resolve
+
+CACHE_DIR = Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench"))
+_COMPLETE = "lensbench-complete.json"
+
+
+@dataclass
+class LoadedModel:
+    """A transformers causal LM with its tokenizer, ready to trace."""
+
+    source: ModelSource
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    weights_bytes: int
+    info: dict = field(default_factory=dict)
+    # Backend adapters built on this model (each probes it once), and the lock that serializes
+    # forwards: hooks collect into per-call lists, so two requests must not interleave.
+    adapters: dict = field(default_factory=dict, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config.get_text_config()
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    # Tokenization shared by every backend that runs on a transformers model.
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_target(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def adapter(self, name: str, build):
+        """The backend adapter `name` for this model, built once by `build(self)`."""
+        with self.lock:
+            if name not in self.adapters:
+                self.adapters[name] = build(self)
+            return self.adapters[name]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LENSBENCH_CACHE", CACHE_DIR))
+
+
+def gguf_architectures_transformers_loads() -> set[str]:
+    """GGUF `general.architecture` values transformers can dequantize into PyTorch."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}  # those two are metadata sections
+
+
+class _ModelCache:
+    """Loaded models by (location, device, dtype), least recently used evicted past a memory budget."""
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(self, key: tuple) -> LoadedModel | None:
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is not None:
+                self._models.move_to_end(key)
+            return loaded
+
+    def put(self, key: tuple, loaded: LoadedModel) -> None:
+        with self._lock:
+            self._models[key] = loaded
+            budget = _memory_budget()
+            while len(self._models) > 1 and sum(m.weights_bytes for m in self._models.values()) > budget:
+                self._models.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+
+def _memory_budget() -> int:
+    from .models import parse_bytes
+
+    text = os.environ.get("LENSBENCH_MODEL_BUDGET")
+    if text:
+        return parse_bytes(text)
+    import psutil
+
+    return int(psutil.virtual_memory().total * 0.5)
+
+
+MODEL_CACHE = _ModelCache()
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load (or reuse) a transformers model for `spec` (see `tracing.models.resolve`)."""
+    source = resolve(spec)
+    device = pick_device(str(device) if device else None)
+    dtype = dtype or default_dtype(device)
+    key = (source.kind, source.location, str(device), str(dtype))
+    with MODEL_CACHE.lock:  # one load at a time: two requests never load two copies
+        loaded = MODEL_CACHE.get(key)
+        if loaded is not None:
+            return loaded
+        start = time.perf_counter()
+        if source.kind == "gguf":
+            loaded = _load_gguf(source, device, dtype)
+        else:
+            loaded = _load_pretrained(source, device, dtype, trust_remote_code)
+        loaded.info["load_seconds"] = round(time.perf_counter() - start, 2)
+        MODEL_CACHE.put(key, loaded)
+        return loaded
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _load_gguf(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    facts = read_gguf(source.path)
+    if facts.n_files > 1:
+        raise UnsupportedModel(
+            f"'{source.name}' is a split GGUF ({facts.n_files} files); transformers cannot load split GGUFs "
+            "into PyTorch. Use the llama.cpp backend (--backend llama-cpp), which reads it as it is."
+        )
+    known = gguf_architectures_transformers_loads()
+    if facts.architecture not in known:
+        raise UnsupportedModel(
+            f"transformers cannot load '{facts.architecture}' GGUF files into PyTorch (it knows "
+            f"{', '.join(sorted(known))}). Use the llama.cpp backend (--backend llama-cpp), "
+            "which runs the GGUF itself."
+        )
+    weights_bytes = facts.n_params * _dtype_bytes(dtype)
+    target = cache_dir() / "gguf" / f"{source.path.stem}-{fingerprint(source.path)}"
+    from_cache = (target / _COMPLETE).is_file()
+    if not from_cache:
+        # transformers holds the quantized file, a float32 state dict and the model at once.
+        check_fits(
+            facts.n_params * 4 * 2,
+            f"Converting '{source.name}' ({facts.summary()}) to PyTorch",
+            "The llama.cpp backend runs the GGUF without converting it.",
+        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path.parent), gguf_file=source.path.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        except LensbenchError:
+            raise
+        except Exception as exc:
+            raise BadModelFile(
+                f"transformers could not read '{source.name}': {type(exc).__name__}: {exc}"
+            ) from None
+        _save_cache(model, tokenizer, target, source)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        check_fits(int(weights_bytes * 1.1), f"Loading '{source.name}'")
+        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(target))
+    model.eval()
+    return LoadedModel(
+        source, model, tokenizer, device, dtype, weights_bytes,
+        info={"from_cache": from_cache, "cache_dir": str(target), "gguf": facts.summary()},
+    )
+
+
+def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
+    """Save a GGUF-loaded model as float32 safetensors; replace caches of older versions of the file."""
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf") until the quantizer is dropped;
+    # its weights are plain float tensors by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f"{source.path.stem}-*"):
+        if stale.name.rsplit("-", 1)[0] == source.path.stem and stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _COMPLETE).write_text(json.dumps({"gguf": str(source.path)}))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a read-only or full disk only costs speed next time
+
+
+def _load_pretrained(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local = source.kind == "hf"
+    try:
+        config = AutoConfig.from_pretrained(
+            source.location, local_files_only=local, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        if local:
+            raise BadModelFile(f"Could not read the model folder '{source.name}': {exc}") from None
+        raise ModelNotFound(
+            f"'{source.location}' is not a file or folder here, and it could not be fetched from the "
+            f"Hugging Face hub (offline, or no such model): {type(exc).__name__}"
+        ) from None
+    n_params = _estimate_params(config)
+    weights_bytes = n_params * _dtype_bytes(dtype)
+    check_fits(int(weights_bytes * 1.1), f"Loading '{source.name}' (~{n_params / 1e9:.1f}B parameters)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=dtype, local_files_only=local, trust_remote_code=trust_remote_code
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location, local_files_only=local, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModel(f"transformers cannot load '{source.name}' as a causal LM: {exc}") from None
+    except torch.OutOfMemoryError:
+        raise NotEnoughMemory(f"Ran out of memory loading '{source.name}'.") from None
+    model.eval()
+    return LoadedModel(source, model, tokenizer, device, dtype, weights_bytes, info={"from_cache": False})
+
+
+def _estimate_params(config) -> int:
+    """Parameters from the config alone (before any weight is read): embeddings plus blocks."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:
+        text = config.get_text_config()
+        d = getattr(text, "hidden_size", 4096)
+        return 12 * getattr(text, "num_hidden_layers", 32) * d * d + 2 * getattr(text, "vocab_size", 32000) * d
+
+
+def describe_memory(loaded: LoadedModel) -> str:
+    return f"{loaded.name}: {human_bytes(loaded.weights_bytes)} of weights as {loaded.dtype} on {loaded.device}"
+
+
+__all__ = ["LoadedModel", "load_model", "MODEL_CACHE", "ModelNotFound"]
