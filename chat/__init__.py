@@ -1,0 +1,1 @@
+"""lensbench chat: llama-cpp-python chat on GGUF files, shared with the llama.cpp lens."""
