@@ -1,0 +1,231 @@
+"""The lens on the real bundled model, the GGUF cache, the CLI, and every bad input's message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tracing
+from tracing import BadModelFile, BadPrompt, BadTarget, ModelNotFound, NotEnoughMemory, UnsupportedModel
+from tracing.loading import MODEL_CACHE, load_model
+from tracing.models import bundled_gguf, discover, read_gguf, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "The capital of Germany is"
+
+
+def test_berlin_is_the_last_rows_top1_with_the_models_own_probability(smollm2, smollm2_hooks):
+    result = tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin")
+    assert result.topk_tokens[-1][-1][0] == " Berlin"
+    ids = torch.tensor([smollm2.encode(PROMPT)])
+    with torch.no_grad():
+        own = torch.softmax(smollm2.model(input_ids=ids).logits[0, -1].float(), -1)
+    berlin = smollm2.encode_target(" Berlin")[0]
+    assert result.target.prob[-1, -1] == pytest.approx(own[berlin].item(), abs=1e-5)
+    assert result.topk_probs[-1, -1, 0] == pytest.approx(own.max().item(), abs=1e-5)
+    assert 0.7 < result.target.prob[-1, -1] < 0.9  # 0.796 measured
+    assert result.target.rank[-1, -1] == 1
+    assert result.target.prob[0, -1] < 0.01  # the embeddings don't know the answer yet
+    assert len(result.layers) == 31 and result.layers[0] == "embeddings"
+    assert result.tokens == [smollm2.decode_one(i) for i in ids[0].tolist()]
+
+
+def test_last_position_only_agrees_with_all_positions(smollm2_hooks):
+    full = tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin")
+    last = tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin", last_only=True)
+    assert last.positions == [full.positions[-1]]
+    np.testing.assert_array_equal(last.topk_ids[:, 0], full.topk_ids[:, -1])
+    np.testing.assert_allclose(last.target.prob[:, 0], full.target.prob[:, -1], atol=1e-5)
+
+
+def test_trace_api_uses_the_default_model(smollm2_hooks):
+    result = tracing.trace(PROMPT, top_k=3, device="cpu")
+    assert result.model == "SmolLM2-135M-Instruct (bundled)" and result.backend == "hooks"
+    assert result.topk_ids.shape == (31, len(result.tokens), 3)
+
+
+def test_gguf_cache_is_used_then_invalidated_when_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "models" / "smol.gguf"
+    gguf.parent.mkdir()
+    shutil.copy(bundled_gguf(), gguf)
+
+    def fresh_load():
+        MODEL_CACHE.clear()
+        return load_model(str(gguf), device="cpu")
+
+    first = fresh_load()
+    assert first.info["from_cache"] is False
+    cached_dirs = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(cached_dirs) == 1 and list(cached_dirs[0].glob("*.safetensors"))
+    second = fresh_load()
+    assert second.info["from_cache"] is True
+    assert second.info["load_seconds"] < first.info["load_seconds"]
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    with open(gguf, "r+b") as f:  # change one byte of the last tensor's data
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    third = fresh_load()
+    assert third.info["from_cache"] is False
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] != [d.name for d in cached_dirs]
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1  # the stale cache was removed
+    MODEL_CACHE.clear()
+
+
+# ---------------------------------------------------------------- models and discovery
+
+
+def test_resolve_and_discover(tmp_path, monkeypatch):
+    import tracing.models as models
+
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    assert resolve(None).path == bundled_gguf()
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    for i in (1, 2):
+        (tmp_path / f"big-0000{i}-of-00002.gguf").write_bytes(b"GGUF")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert resolve("a").location == str(tmp_path / "a.gguf")
+    assert resolve("hf").kind == "hf"
+    names = [e.name for e in discover(tmp_path)]
+    assert names == ["SmolLM2-135M-Instruct (bundled)", "a.gguf", "big-00001-of-00002.gguf", "hf"]
+    with pytest.raises(BadModelFile, match="give the first part"):
+        resolve(str(tmp_path / "big-00002-of-00002.gguf"))
+    assert resolve("someone/some-model").kind == "hub"
+
+
+def test_gguf_facts_from_the_header():
+    facts = read_gguf(bundled_gguf())
+    assert facts.architecture == "llama" and facts.n_layers == 30 and facts.vocab_size == 49152
+    assert 130e6 < facts.n_params < 140e6
+    assert facts.quantization.startswith("Q4")
+    assert "llama" in facts.summary()
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(4)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_missing_path():
+    with pytest.raises(ModelNotFound, match="No model called"):
+        tracing.trace(PROMPT, model="/nowhere/model.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(BadModelFile, match="not a GGUF file"):
+        tracing.trace(PROMPT, model=str(bad))
+
+
+def test_truncated_gguf(tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(bundled_gguf(), "rb") as f:
+        cut.write_bytes(f.read(3 << 20))
+    with pytest.raises(BadModelFile, match="damaged or incomplete"):
+        tracing.trace(PROMPT, model=str(cut))
+
+
+def test_gguf_architecture_transformers_cannot_load(tmp_path):
+    path = _write_gguf(tmp_path / "scout.gguf", "llama4")
+    with pytest.raises(UnsupportedModel, match="llama.cpp backend"):
+        tracing.trace(PROMPT, model=str(path))
+
+
+def test_model_too_large_is_refused_before_loading(tmp_path, monkeypatch):
+    gguf = tmp_path / "smol.gguf"
+    shutil.copy(bundled_gguf(), gguf)
+    monkeypatch.setenv("LENSBENCH_MEMORY_LIMIT", "200MB")
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(NotEnoughMemory, match="needs about .* only 200.0 MB is free"):
+        tracing.trace(PROMPT, model=str(gguf))
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_empty_prompt(smollm2_hooks):
+    for prompt in ("", "   \n"):
+        with pytest.raises(BadPrompt, match="empty"):
+            tracing.trace_with(smollm2_hooks, prompt)
+
+
+def test_prompt_longer_than_the_context(smollm2_hooks):
+    assert smollm2_hooks.context_length == 8192
+    with pytest.raises(BadPrompt, match="longer than this model's context of 8192"):
+        tracing.trace_with(smollm2_hooks, "hello " * 9000)
+
+
+def test_target_that_is_not_one_token_says_how_it_tokenizes(smollm2_hooks):
+    with pytest.raises(BadTarget, match=r"'Berlinxyz' is 3 tokens .*'Ber' \+ 'lin' \+ 'xyz'"):
+        tracing.trace_with(smollm2_hooks, PROMPT, target="Berlinxyz")
+    with pytest.raises(BadTarget, match="leading space"):
+        tracing.trace_with(smollm2_hooks, PROMPT, target="Berlin")
+
+
+def test_bad_settings(smollm2_hooks):
+    with pytest.raises(BadPrompt, match="top-k"):
+        tracing.trace_with(smollm2_hooks, PROMPT, top_k=0)
+    with pytest.raises(BadPrompt, match="temperature"):
+        tracing.trace_with(smollm2_hooks, PROMPT, temperature=0)
+    with pytest.raises(UnsupportedModel, match="Unknown backend"):
+        tracing.trace(PROMPT, backend="nope")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tracing", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_table_and_json(smollm2):
+    table = _cli("--prompt", PROMPT, "--target", " Berlin", "--top-k", "3")
+    assert table.returncode == 0, table.stderr
+    last = table.stdout.strip().splitlines()[-1]
+    assert last.startswith("layer 30") and "' Berlin' 0.796" in last
+
+    out = _cli("--prompt", PROMPT, "--target", " Berlin", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["model"] == "SmolLM2-135M-Instruct (bundled)" and data["backend"] == "hooks"
+    assert data["topk"][-1][-1][0]["token"] == " Berlin"
+    assert data["target"]["rank"][-1][-1] == 1
+    assert len(data["entropy"]) == len(data["kl_to_final"]) == len(data["layers"]) == 31
+
+
+def test_cli_errors_are_one_line_without_traceback():
+    for args, message in [
+        (("--prompt", ""), "The prompt is empty"),
+        (("--prompt", "x", "--model", "/nowhere.gguf"), "No model called"),
+    ]:
+        out = _cli(*args)
+        assert out.returncode == 2
+        assert out.stderr.strip().startswith("error: " + message)
+        assert "Traceback" not in out.stderr
