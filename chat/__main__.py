@@ -1,0 +1,115 @@
+"""Terminal chat: `python -m chat [--model PATH]`, streaming answers, multi-turn.
+
+Type a message and press Enter. Ctrl-C stops an answer; Ctrl-D (or /quit) leaves.
+/reset forgets the conversation, /system TEXT sets the system prompt, /facts shows the model.
+Errors a user can cause are one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from tracing.errors import LensbenchError
+
+HELP = "Commands: /reset (forget the conversation), /system TEXT, /facts, /quit. Ctrl-C stops an answer."
+
+
+def chat_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m chat", description="Chat with a GGUF model in the terminal.")
+    parser.add_argument("--model", default=None, help="a .gguf file (or the first part of a split model), a name in models/ (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 always picks the likeliest token (default: 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="new tokens per answer at most (default: 512)")
+    parser.add_argument("--seed", type=int, default=None, help="a fixed seed makes answers reproducible")
+    parser.add_argument("--context", type=int, default=None, help="context length in tokens (default: the model's own, capped at 4096)")
+    parser.add_argument("--facts", action="store_true", help="print what the model is and whether it fits, then exit (no load)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = chat_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LensbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from .engine import load, model_facts, stream_chat
+
+    facts = model_facts(args.model)
+    print(facts.summary, file=sys.stderr)
+    if args.facts:
+        return 0
+    if not facts.fits:
+        load(args.model, args.context)  # refused before loading: raises NotEnoughMemory with the numbers
+    print("Loading…", file=sys.stderr, end="", flush=True)
+    shared = load(args.model, args.context)
+    print(f" ready in {shared.load_seconds:.1f} s (context {shared.n_ctx:,} tokens). {HELP}", file=sys.stderr)
+
+    interactive = sys.stdin.isatty()
+    system, history = args.system, []
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
+            continue
+        if text == "/facts":
+            print(model_facts(args.model).summary, file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        cancel = threading.Event()
+        try:
+            stream = stream_chat(
+                args.model,
+                history,
+                system=system,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_tokens=args.max_tokens,
+                seed=args.seed,
+                cancel=cancel,
+            )
+        except LensbenchError as exc:  # e.g. a message longer than the context: the chat goes on
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        for notice in stream.notices:
+            print(f"({notice.message})", file=sys.stderr)
+        try:
+            for delta in stream:
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:
+            cancel.set()
+            stream.close()
+        print()
+        if stream.finish_reason == "cancelled":
+            print("(stopped)", file=sys.stderr)
+        elif stream.finish_reason == "length":
+            print(f"(cut at {stream.max_tokens} tokens)", file=sys.stderr)
+        history.append({"role": "assistant", "content": stream.text})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

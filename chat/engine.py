@@ -1,0 +1,456 @@
+"""Streaming chat on any GGUF through llama.cpp: what the app and `python -m chat` both call.
+
+    for delta in stream_chat(None, [{"role": "user", "content": "Hi"}]):
+        print(delta, end="")
+
+`model_facts(model)` says what a GGUF is and whether it fits, from its header alone, before
+anyone waits for a load. The model's own chat template (from the GGUF) is applied by
+llama-cpp-python's `create_chat_completion`; generation stops on the model's end-of-turn tokens.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tracing.errors import BadPrompt, LensbenchError, UnsupportedModel
+from tracing.models import DEFAULT_MODEL_NAME, GGUFFacts, available_memory, human_bytes, human_count, resolve
+
+from .shared import SharedLlama, context_for, gguf_facts, memory_needed, shared_llama
+
+ROLES = ("user", "assistant")
+
+# Readable names for GGUF architectures, and for mixtures of experts that the header identifies
+# by architecture and expert count. Only for display: any architecture llama.cpp knows will run.
+FAMILIES = {
+    "llama": "Llama",
+    "llama4": "Llama 4",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3": "Gemma 3",
+    "qwen2": "Qwen2",
+    "qwen2moe": "Qwen2 MoE",
+    "qwen3": "Qwen3",
+    "qwen3moe": "Qwen3 MoE",
+    "phi3": "Phi-3",
+    "mistral3": "Mistral 3",
+    "gpt-oss": "gpt-oss",
+    "deepseek2": "DeepSeek V2/V3",
+}
+KNOWN_MOE = {("llama4", 16): "Llama 4 Scout", ("llama4", 128): "Llama 4 Maverick"}
+
+
+# ---------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a GGUF model is, read from its header without loading the weights."""
+
+    name: str  # from the header (general.name), else the file name
+    path: str
+    architecture: str  # the GGUF architecture, e.g. "llama4"
+    family: str  # readable, e.g. "Llama 4 Scout"
+    parameters: int
+    active_parameters: int | None  # per token, for a mixture of experts
+    experts: int | None
+    experts_per_token: int | None
+    layers: int | None
+    quantization: str  # the weight type holding the most bytes, e.g. "Q4_K"
+    context_length: int | None  # what the model was trained for (tokens)
+    chat_context: int  # what chat allocates: the above, capped by chat.shared.max_context()
+    file_bytes: int
+    files: int  # 1, or the number of parts of a split model
+    memory_needed: int  # bytes, weights + KV cache + compute buffers
+    memory_free: int  # bytes available now
+    fits: bool  # False: loading it is refused with NotEnoughMemory
+    loaded: bool  # already in memory in this process
+    chat_template: bool  # the GGUF carries a chat template
+    summary: str  # one line for a person, ending with the memory verdict
+
+
+def model_facts(model: str | None = None) -> ModelFacts:
+    """Read a GGUF's header and say what it is and whether it fits in this machine's memory.
+
+    `model` is anything `tracing.models.resolve` takes (None: the bundled SmolLM2). Reads only the
+    header (seconds, even for a 60 GB model). Raises ModelNotFound / BadModelFile for a missing
+    or damaged file and UnsupportedModel for a source that is not a GGUF file.
+    """
+    path, display = _gguf_path(model)
+    from .shared import _LOADED
+
+    shared = _LOADED.get(str(path))
+    facts = shared.facts if shared and shared.facts else gguf_facts(path)
+    context = shared.n_ctx if shared else context_for(facts)
+    needed, free = memory_needed(facts, context), available_memory()
+    fits = shared is not None or needed <= free
+    family = _family(facts)
+    active = _active_parameters(facts)
+    used = _meta(facts, "expert_used_count")
+    name = display if display == DEFAULT_MODEL_NAME or not facts.name else facts.name
+
+    moe = f", mixture of {facts.n_experts} experts ({used or '?'} per token)" if facts.n_experts else ""
+    active_text = f" ({human_count(active)} active)" if active else ""
+    files = f" in {facts.n_files} files" if facts.n_files > 1 else ""
+    trained = f"{facts.context_length:,}" if facts.context_length else "unknown"
+    if shared is not None:
+        verdict = "Loaded."
+    elif fits:
+        verdict = f"Fits: needs about {human_bytes(needed)}, {human_bytes(free)} free."
+    else:
+        verdict = f"Does not fit: needs about {human_bytes(needed)}, only {human_bytes(free)} free."
+    summary = (
+        f"{name} — {family} ({facts.architecture}){moe}, {human_count(facts.n_params)} parameters{active_text}, "
+        f"{facts.n_layers} layers, {facts.quantization}, context {trained} tokens (chat uses {context:,}), "
+        f"{human_bytes(facts.file_bytes)}{files}. {verdict}"
+    )
+    return ModelFacts(
+        name=name,
+        path=str(path),
+        architecture=facts.architecture,
+        family=family,
+        parameters=facts.n_params,
+        active_parameters=active,
+        experts=facts.n_experts,
+        experts_per_token=used,
+        layers=facts.n_layers,
+        quantization=facts.quantization,
+        context_length=facts.context_length,
+        chat_context=context,
+        file_bytes=facts.file_bytes,
+        files=facts.n_files,
+        memory_needed=needed,
+        memory_free=free,
+        fits=fits,
+        loaded=shared is not None,
+        chat_template=bool(facts.metadata.get("tokenizer.chat_template")),
+        summary=summary,
+    )
+
+
+def _meta(facts: GGUFFacts, key: str):
+    return facts.metadata.get(f"{facts.architecture}.{key}")
+
+
+def _family(facts: GGUFFacts) -> str:
+    known = KNOWN_MOE.get((facts.architecture, facts.n_experts))
+    return known or FAMILIES.get(facts.architecture, facts.architecture)
+
+
+def _active_parameters(facts: GGUFFacts) -> int | None:
+    """Parameters used per token in a mixture of experts: all but the unchosen experts' weights."""
+    used = _meta(facts, "expert_used_count")
+    if not facts.n_experts or not used:
+        return None
+    expert = sum(n for name, n in facts.tensor_elements.items() if "_exps" in name)  # llama.cpp's name for stacked experts
+    return facts.n_params - expert + expert * int(used) // int(facts.n_experts)
+
+
+def _gguf_path(model: str | None) -> tuple[Path, str]:
+    source = resolve(model)
+    if source.kind != "gguf":
+        what = "a Hugging Face model folder" if source.kind == "hf" else "a Hugging Face hub id"
+        raise UnsupportedModel(
+            f"'{source.name}' is {what}; chat runs GGUF files through llama.cpp. "
+            "Pick a .gguf file (the lens works with both)."
+        )
+    return source.path.resolve(), source.name
+
+
+def load(model: str | None = None, context_length: int | None = None) -> SharedLlama:
+    """Load `model` for chat (or return it if already loaded): the same object for every caller.
+
+    `context_length` (tokens) applies to the first load; by default the model's own, capped.
+    The memory verdict is checked before loading (NotEnoughMemory). A failed load raises a
+    LensbenchError and leaves every model loaded before usable.
+    """
+    path, _ = _gguf_path(model)
+    return shared_llama(path, n_ctx=context_length)
+
+
+# ---------------------------------------------------------------- chat
+
+
+@dataclass(frozen=True)
+class ChatNotice:
+    """Something the person should know about an answer; show `message` beside the chat.
+
+    kind: "trimmed" (the oldest turns were left out to fit the context), "shortened" (the
+    answer is limited below max_tokens to fit the context), "no_template" (the GGUF has no chat
+    template; a generic ChatML format is used), "system_merged" (the template has no system
+    role; the system prompt was put at the start of the first user message).
+    """
+
+    kind: str
+    message: str
+    dropped_turns: int = 0
+
+
+class ChatStream(Iterator[str]):
+    """One answer, streamed: iterating yields text deltas (str) as the model writes them.
+
+    Known as soon as `stream_chat` returns:
+      notices        list of ChatNotice (e.g. older turns dropped to fit the context)
+      messages       the messages sent to the model, after any dropping
+      prompt_tokens  the token ids the model reads: the chat template applied to `messages`
+      max_tokens     the answer's token limit actually used
+      seed           the sampling seed (drawn at random when none was given: reuse it to reproduce)
+    Filled in while it runs:
+      text           everything yielded so far
+      finish_reason  None while running, then "stop" (end of turn), "length" (max_tokens
+                     reached) or "cancelled"
+      time_to_first_token  seconds from the request to the first delta
+    Closing it (or dropping it) stops generation; the model is freed for the next request.
+    """
+
+    def __init__(self, shared: SharedLlama, request: dict, plan: "_Plan", cancel: threading.Event | None):
+        self.model_name = shared.path.name
+        self.notices: list[ChatNotice] = plan.notices
+        self.messages: list[dict] = plan.messages
+        self.prompt_tokens: list[int] = plan.prompt_tokens
+        self.max_tokens: int = plan.max_tokens
+        self.seed: int = request["seed"]
+        self.text = ""
+        self.time_to_first_token: float | None = None
+        self._cancel = cancel or threading.Event()
+        self._job = _Job()
+        self._requested = time.perf_counter()
+        request = dict(request, messages=plan.messages, max_tokens=plan.max_tokens)
+        # The worker owns the lock from start to end of generation: consumers may iterate from any
+        # thread (Gradio steps generators in a thread pool), which a held RLock would not allow.
+        threading.Thread(target=_generate, args=(shared, request, self._job, self._cancel), daemon=True).start()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._job.finish_reason
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            if self._cancel.is_set():
+                self.close()
+                self._job.finish_reason = self._job.finish_reason or "cancelled"
+                raise StopIteration
+            try:
+                item = self._job.out.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                self._job.out.put(_DONE)  # later calls end too
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self._job.out.put(_DONE)
+                raise item
+            if self.time_to_first_token is None:
+                self.time_to_first_token = time.perf_counter() - self._requested
+            self.text += item
+            return item
+
+    def close(self) -> None:
+        """Stop generating (the text so far stays in `text`)."""
+        self._job.stop.set()
+
+    def __del__(self):
+        self._job.stop.set()
+
+
+def stream_chat(
+    model: str | None,
+    messages: list[dict],
+    *,
+    system: str | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    max_tokens: int = 256,
+    seed: int | None = None,
+    cancel: threading.Event | None = None,
+) -> ChatStream:
+    """Answer the last user message, streaming text deltas.
+
+    model: anything `tracing.models.resolve` takes (None: the bundled SmolLM2-135M-Instruct);
+        only GGUF files chat (UnsupportedModel otherwise). Loaded on first use, then shared.
+    messages: the conversation, oldest first: [{"role": "user" | "assistant", "content": str}],
+        ending with the user's message.
+    system: an optional system prompt. temperature (0 = always the likeliest token), top_p,
+        max_tokens (new tokens at most), seed (same seed, same answer).
+    cancel: a threading.Event; setting it stops the answer within a token.
+
+    Returns a ChatStream: iterate it for the deltas. When the conversation does not fit the
+    model's context, the oldest turns are dropped (and the answer shortened if need be) and
+    `stream.notices` says so, before the first delta; show those notices to the person.
+    Requests to the same model are served one after another. Loading, memory and prompt
+    problems raise tracing.errors exceptions here, before anything is generated.
+    """
+    _check_settings(temperature, top_p, max_tokens, seed)
+    conversation = _normalize(messages)
+    shared = load(model)
+    plan = _fit_context(shared, system, conversation, int(max_tokens))
+    request = dict(
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=int(seed) if seed is not None else random.randrange(2**31),
+    )
+    return ChatStream(shared, request, plan, cancel)
+
+
+def chat(model: str | None, messages: list[dict], **options) -> str:
+    """The whole answer at once (same arguments as `stream_chat`)."""
+    return "".join(stream_chat(model, messages, **options))
+
+
+def _check_settings(temperature, top_p, max_tokens, seed) -> None:
+    if not 0 <= float(temperature) <= 5:
+        raise LensbenchError(f"Temperature must be between 0 and 5 (got {temperature}).")
+    if not 0 < float(top_p) <= 1:
+        raise LensbenchError(f"Top-p must be above 0 and at most 1 (got {top_p}).")
+    if int(max_tokens) != max_tokens or max_tokens < 1:
+        raise LensbenchError(f"Max new tokens must be a whole number of at least 1 (got {max_tokens}).")
+    if seed is not None and int(seed) != seed:
+        raise LensbenchError(f"The seed must be a whole number (got {seed}).")
+
+
+def _normalize(messages: list[dict]) -> list[dict]:
+    """Plain {"role", "content": str} messages; Gradio-style content lists become their text."""
+    out = []
+    for message in messages or []:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise BadPrompt(f"A chat message has role {role!r}; only 'user' and 'assistant' are allowed (pass system= for a system prompt).")
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        elif isinstance(content, dict):
+            content = content.get("text", "")
+        out.append({"role": role, "content": "" if content is None else str(content)})
+    if not out or out[-1]["role"] != "user" or not out[-1]["content"].strip():
+        raise BadPrompt("There is nothing to answer: the conversation must end with a message from you.")
+    return out
+
+
+@dataclass
+class _Plan:
+    messages: list[dict]  # as sent to create_chat_completion
+    prompt_tokens: list[int]
+    max_tokens: int
+    notices: list[ChatNotice] = field(default_factory=list)
+
+
+def _fit_context(shared: SharedLlama, system: str | None, conversation: list[dict], max_tokens: int) -> _Plan:
+    """Drop the oldest turns until prompt + answer fit the context; say what was dropped."""
+    n_ctx = shared.n_ctx
+    notices: list[ChatNotice] = []
+    if not shared.chat_template:
+        notices.append(ChatNotice("no_template", "This model's file has no chat template; a generic (ChatML) format is used, so answers may be poor."))
+    system = system.strip() if system and system.strip() else None
+    dropped = 0
+    while True:
+        messages, tokens, merged = _render(shared, system, conversation)
+        if len(tokens) + max_tokens <= n_ctx or len(conversation) == 1:
+            break
+        conversation = conversation[1:]  # a turn: the oldest user message and the answers after it
+        while conversation[0]["role"] == "assistant":
+            conversation = conversation[1:]
+        dropped += 1
+    if merged:
+        notices.append(ChatNotice("system_merged", "This model's chat template has no system role: the system prompt was put at the start of your first message."))
+    if dropped:
+        turns = "turn was" if dropped == 1 else "turns were"
+        notices.append(
+            ChatNotice(
+                "trimmed",
+                f"The conversation is longer than this model's context ({n_ctx:,} tokens): the oldest {dropped} {turns} left out of what it reads.",
+                dropped,
+            )
+        )
+    room = n_ctx - len(tokens)
+    if room < 1:
+        raise BadPrompt(
+            f"Your message is too long for this model: with the chat template it takes {len(tokens):,} tokens, "
+            f"and the model's context holds {n_ctx:,}. Shorten it{' or the system prompt' if system else ''}."
+        )
+    if room < max_tokens:
+        notices.append(ChatNotice("shortened", f"Only {room:,} tokens of the context are left, so this answer is limited to {room:,} tokens."))
+        max_tokens = room
+    return _Plan(messages, tokens, max_tokens, notices)
+
+
+def _render(shared: SharedLlama, system: str | None, conversation: list[dict]) -> tuple[list[dict], list[int], bool]:
+    """The messages to send, the prompt tokens the template makes of them, and whether the system prompt was merged."""
+    messages = ([{"role": "system", "content": system}] if system else []) + conversation
+    merged = False
+    try:
+        prompt = shared.chat_formatter(messages=messages).prompt
+    except Exception:
+        if not system:
+            raise BadPrompt("This model's chat template rejects the conversation (it may need strictly alternating user and assistant messages).") from None
+        # Templates without a system role (Gemma, some Mistrals) raise; fold it into the first message.
+        first = dict(conversation[0], content=f"{system}\n\n{conversation[0]['content']}")
+        messages, merged = [first] + conversation[1:], True
+        prompt = shared.chat_formatter(messages=messages).prompt
+    # Tokenizing reads only the vocabulary; it is safe beside a running generation.
+    tokens = shared.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    return messages, tokens, merged
+
+
+# ---------------------------------------------------------------- generation (worker thread)
+
+_DONE = object()
+
+
+class _Job:
+    def __init__(self):
+        self.out: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.finish_reason: str | None = None
+
+
+def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.Event) -> None:
+    def stopped() -> bool:
+        return job.stop.is_set() or cancel.is_set()
+
+    while not shared.lock.acquire(timeout=0.05):  # our turn, unless cancelled while waiting
+        if stopped():
+            job.finish_reason = "cancelled"
+            job.out.put(_DONE)
+            return
+    chunks = None
+    try:
+        if stopped():
+            job.finish_reason = "cancelled"
+            return
+        chunks = shared.llama.create_chat_completion(stream=True, **request)
+        for chunk in chunks:
+            if stopped():
+                job.finish_reason = "cancelled"
+                break
+            choice = chunk["choices"][0]
+            delta = choice["delta"].get("content")
+            if delta:
+                job.out.put(delta)
+            if choice.get("finish_reason"):
+                job.finish_reason = choice["finish_reason"]
+    except Exception as exc:  # handed to the consumer, raised from __next__
+        job.out.put(exc)
+    finally:
+        if chunks is not None:
+            chunks.close()
+        shared.lock.release()
+        job.out.put(_DONE)
+
+
+__all__ = [
+    "ChatNotice",
+    "ChatStream",
+    "ModelFacts",
+    "chat",
+    "load",
+    "model_facts",
+    "stream_chat",
+]
