@@ -1,0 +1,189 @@
+"""What a visitor can pick: the listed models (never a free-text path unless the host allows it),
+each model's facts, and which lens backends it can use (with the reason when it can't).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tracing.api import BACKENDS
+from tracing.errors import LensbenchError
+from tracing.models import (
+    DEFAULT_MODEL_NAME,
+    ModelEntry,
+    available_memory,
+    discover,
+    human_bytes,
+    read_gguf,
+    resolve,
+)
+
+# Backend name (tracing.api.BACKENDS) -> what people read. A backend without a label here is
+# still listed, under its own name.
+BACKEND_LABELS: dict[str, str] = {
+    "hooks": "PyTorch hooks",
+    "transformer-lens": "TransformerLens",
+    "tuned-lens": "tuned-lens · logit lens",
+    "tuned-lens-tuned": "tuned-lens · tuned lens",
+    "tuned": "tuned-lens · tuned lens",
+    "llama-cpp": "llama.cpp (on the GGUF)",
+}
+TORCH_BACKENDS = {"hooks", "transformer-lens", "tuned-lens", "tuned-lens-tuned", "tuned"}
+
+
+def backend_label(name: str) -> str:
+    return BACKEND_LABELS.get(name, name)
+
+
+def backend_names() -> list[str]:
+    """Every registered backend, in the registry's order."""
+    return list(BACKENDS)
+
+
+@dataclass
+class Catalog:
+    """The models this app offers, and what it learned about which backends each can use."""
+
+    allow_custom: bool = False  # accept typed paths / hub ids (a local host's choice; never on a public link)
+    default: str | None = None  # the host's --model, listed first
+
+    def __post_init__(self) -> None:
+        self._failures: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- models
+
+    def entries(self) -> list[ModelEntry]:
+        entries = discover()
+        if self.default and all(e.name != self.default for e in entries):
+            source = resolve(self.default)  # the host named it on the command line
+            entries.insert(0, ModelEntry(self.default, source.kind, source.location, 0))
+        return entries
+
+    def names(self, gguf_only: bool = False) -> list[str]:
+        return [e.name for e in self.entries() if e.kind == "gguf" or not gguf_only]
+
+    def default_name(self, gguf_only: bool = False) -> str | None:
+        names = self.names(gguf_only)
+        if self.default in names:
+            return self.default
+        return DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in names else (names[0] if names else None)
+
+    def pick(self, name: str | None, gguf_only: bool = False) -> ModelEntry:
+        """The listed model called `name`; a LensbenchError for anything else (paths, hub ids, typos)."""
+        name = (name or "").strip() or self.default_name(gguf_only)
+        for entry in self.entries():
+            if entry.name == name:
+                if gguf_only and entry.kind != "gguf":
+                    raise LensbenchError(f"'{name}' is a PyTorch model folder; chat needs a GGUF file.")
+                return entry
+        if self.allow_custom and name:
+            source = resolve(name)
+            if gguf_only and source.kind != "gguf":
+                raise LensbenchError(f"'{name}' is not a GGUF file; chat needs one.")
+            return ModelEntry(name, source.kind, source.location, 0)
+        raise LensbenchError(
+            f"'{name}' is not one of this app's models. Pick one from the list "
+            "(the host adds models by putting them in the models/ folder)."
+        )
+
+    def facts(self, name: str | None) -> str:
+        """A markdown line about a model: architecture, size, quantization, and whether it fits."""
+        try:
+            entry = self.pick(name)
+        except LensbenchError as exc:
+            return f"⚠️ {exc}"
+        free = available_memory()
+        if entry.kind != "gguf":
+            size = entry.size_bytes or 0
+            fits = "fits in memory" if size * 1.1 < free else f"**may not fit** ({human_bytes(free)} free)"
+            return f"PyTorch model folder · {human_bytes(size)} on disk · {fits}"
+        try:
+            facts = gguf_facts(entry.path)
+        except LensbenchError as exc:
+            return f"⚠️ {exc}"
+        llama_fits = "fits" if facts.file_bytes * 1.1 < free else "**does not fit**"
+        torch_fits = "fits" if facts.float32_bytes * 1.1 < free else "**does not fit**"
+        moe = f" · MoE, {facts.n_experts} experts" if facts.n_experts else ""
+        return (
+            f"{facts.architecture}{moe} · {facts.n_params / 1e6:,.0f}M parameters · {facts.n_layers} layers · "
+            f"{facts.quantization} · context {facts.context_length} · {human_bytes(facts.file_bytes)}  \n"
+            f"Memory ({human_bytes(free)} free): llama.cpp {llama_fits} (about {human_bytes(facts.file_bytes)}); "
+            f"PyTorch backends {torch_fits} (about {human_bytes(facts.float32_bytes)} as float32)"
+        )
+
+    # ---------------------------------------------------------------- backends
+
+    def record_failure(self, name: str, backend: str, message: str) -> None:
+        """Remember that `backend` cannot open `name` (an UnsupportedModel), so the switch disables it."""
+        with self._lock:
+            self._failures[(name, backend)] = message
+
+    def backend_problem(self, name: str | None, backend: str) -> str | None:
+        """Why `backend` cannot trace model `name`, or None when it (probably) can.
+
+        Known from the model's kind and GGUF header before anything is loaded, or learned from a
+        failed open earlier in this process.
+        """
+        if backend not in BACKENDS:
+            return f"The {backend_label(backend)} backend is not installed."
+        try:
+            entry = self.pick(name)
+        except LensbenchError as exc:
+            return str(exc)
+        with self._lock:
+            learned = self._failures.get((entry.name, backend))
+        if learned:
+            return learned
+        if backend == "llama-cpp" and entry.kind != "gguf":
+            return "llama.cpp runs GGUF files only; this model is a PyTorch folder."
+        if backend in TORCH_BACKENDS and entry.kind == "gguf":
+            return _torch_gguf_problem(entry.path)
+        return None
+
+    def backend_choices(self, name: str | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """Radio choices (label, backend) for a model, unavailable ones marked, and the reasons."""
+        choices, reasons = [], {}
+        for backend in backend_names():
+            problem = self.backend_problem(name, backend)
+            label = backend_label(backend)
+            if problem:
+                reasons[backend] = problem
+                label += " — unavailable"
+            choices.append((label, backend))
+        return choices, reasons
+
+
+def gguf_facts(path: str):
+    """`read_gguf`, remembered per file version (reading a header with a big vocabulary takes seconds)."""
+    st = os.stat(path)
+    return _gguf_facts(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=64)
+def _gguf_facts(path: str, _mtime_ns: int, _size: int):
+    return read_gguf(path)
+
+
+def _torch_gguf_problem(path: str) -> str | None:
+    """Why transformers cannot dequantize this GGUF into PyTorch (split file, unknown architecture)."""
+    from tracing.loading import gguf_architectures_transformers_loads
+
+    try:
+        facts = gguf_facts(path)
+    except LensbenchError as exc:
+        return str(exc)
+    if facts.n_files > 1:
+        return "transformers cannot load a split GGUF into PyTorch; use llama.cpp."
+    if facts.architecture not in gguf_architectures_transformers_loads():
+        return f"transformers cannot load '{facts.architecture}' GGUF files into PyTorch; use llama.cpp."
+    return None
+
+
+def reasons_markdown(reasons: dict[str, str]) -> str:
+    if not reasons:
+        return ""
+    return "  \n".join(f"**{backend_label(b)}** unavailable: {why}" for b, why in reasons.items())

@@ -1,0 +1,214 @@
+"""Plotly figures of a LensResult: the layers x positions heatmap and the target's trajectory.
+
+Reads the numbers `tracing` computed; computes none itself (a metric here is a choice of
+which array to colour by).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+
+from tracing.lens import LensResult
+
+from .tokens import TokenLabels
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one per-cell number is coloured and shown."""
+
+    title: str
+    colorscale: str
+    reverse: bool  # True when a low value means a confident prediction (shown bright, like a high probability)
+    needs_target: bool = False
+    percent: bool = False
+
+
+METRICS: dict[str, Metric] = {
+    "top-1 probability": Metric("top-1 probability", "Viridis", False, percent=True),
+    "entropy": Metric("entropy (nats)", "Viridis", True),
+    "KL to final": Metric("KL(final ‖ layer) (nats)", "Viridis", True),
+    "target probability": Metric("target probability", "Viridis", False, needs_target=True, percent=True),
+    "target rank": Metric("target rank (log scale)", "Viridis", True, needs_target=True),
+}
+DEFAULT_METRIC = "top-1 probability"
+_CELL_CHARS = 8  # longest cell label before it is cut (the hover shows it whole)
+
+
+def metric_values(result: LensResult, metric: str) -> np.ndarray:
+    """The [rows, positions] array `metric` colours by; target metrics fall back to top-1 without a target."""
+    if METRICS[metric].needs_target and result.target is None:
+        metric = DEFAULT_METRIC
+    if metric == "top-1 probability":
+        return result.topk_probs[:, :, 0]
+    if metric == "entropy":
+        return result.entropy
+    if metric == "KL to final":
+        return result.kl_to_final
+    if metric == "target probability":
+        return result.target.prob
+    return np.log10(result.target.rank.astype(float))  # "target rank": coloured by order of magnitude
+
+
+def row_labels(result: LensResult) -> list[str]:
+    """Row names that say which lens produced the row ("layer 12 · tuned"); the last row is the output."""
+    labels = []
+    for name, kind in zip(result.layers, result.lens):
+        if kind == "output":
+            labels.append(f"{name} = output")
+        elif kind != "logit":
+            labels.append(f"{name} · {kind}")
+        else:
+            labels.append(name)
+    return labels
+
+
+def column_labels(result: LensResult, labels: TokenLabels) -> list[str]:
+    """Each traced position as "index: token" (the cell predicts the token after it)."""
+    return [f"{p}: {labels(result.tokens[p], result.token_ids[p])}" for p in result.positions]
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 1] + "…"
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.1f}%" if p >= 0.001 else f"{100 * p:.2g}%"
+
+
+def hover_texts(result: LensResult, labels: TokenLabels) -> list[list[str]]:
+    """Per cell: where it is, entropy, KL, the target's probability and rank, and the top-k."""
+    rows = row_labels(result)
+    cols = column_labels(result, labels)
+    out = []
+    for r in range(result.n_rows):
+        line = []
+        for c in range(len(result.positions)):
+            parts = [
+                f"<b>{rows[r]}</b> · after <b>{cols[c]}</b>",
+                f"entropy {result.entropy[r, c]:.2f} nats · KL to final {result.kl_to_final[r, c]:.2f}",
+            ]
+            if result.target is not None:
+                token = labels(result.target.token)
+                parts.append(
+                    f"target {token}: {_pct(float(result.target.prob[r, c]))}, rank {int(result.target.rank[r, c])}"
+                )
+            for i, (text, tid, p) in enumerate(
+                zip(result.topk_tokens[r][c], result.topk_ids[r, c], result.topk_probs[r, c]), 1
+            ):
+                parts.append(f"{i}. {labels(text, int(tid))}  {_pct(float(p))}")
+            line.append("<br>".join(parts))
+        out.append(line)
+    return out
+
+
+def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabels | None = None,
+            title: str | None = None) -> go.Figure:
+    """Layers (bottom: embeddings, top: output) x positions; each cell shows its top-1 token."""
+    labels = labels or TokenLabels()
+    if METRICS[metric].needs_target and result.target is None:
+        metric = DEFAULT_METRIC
+    spec = METRICS[metric]
+    z = metric_values(result, metric)
+    cell_text = [
+        [_short(labels(result.topk_tokens[r][c][0], int(result.topk_ids[r, c, 0]))) for c in range(z.shape[1])]
+        for r in range(z.shape[0])
+    ]
+    colorbar = dict(title=dict(text=spec.title, side="right"))
+    zmin, zmax = (0.0, 1.0) if spec.percent else (float(np.nanmin(z)), float(np.nanmax(z)) or 1.0)
+    if metric == "target rank":
+        top = max(1.0, float(np.nanmax(z)))
+        ticks = [t for t in range(0, int(np.ceil(top)) + 1)]
+        colorbar.update(tickvals=ticks, ticktext=[f"{10 ** t:,}" for t in ticks])
+        zmin, zmax = 0.0, top
+    if spec.percent:
+        colorbar.update(tickformat=".0%")
+    n_rows, n_cols = z.shape
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n_cols)),
+            y=list(range(n_rows)),
+            text=cell_text,
+            texttemplate="%{text}",
+            textfont=dict(size=10 if n_cols <= 24 else 8),
+            hovertext=hover_texts(result, labels),
+            hovertemplate="%{hovertext}<extra></extra>",
+            colorscale=spec.colorscale,
+            reversescale=spec.reverse,
+            zmin=zmin,
+            zmax=zmax,
+            colorbar=colorbar,
+            xgap=1,
+            ygap=1,
+        )
+    )
+    target = f" · target {labels(result.target.token)}" if result.target is not None else ""
+    fig.update_layout(
+        title=dict(text=title or f"{result.model} · {result.backend}{target} · colour: {spec.title}", font=dict(size=14)),
+        xaxis=dict(
+            tickmode="array", tickvals=list(range(n_cols)), ticktext=column_labels(result, labels),
+            title="input position (each cell: the predicted next token)", tickangle=-40 if n_cols > 6 else 0,
+        ),
+        yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=row_labels(result), title=None),
+        height=max(360, min(1400, 120 + 22 * n_rows)),
+        margin=dict(l=10, r=10, t=50, b=10),
+        hoverlabel=dict(font=dict(family="monospace", size=12), align="left"),
+    )
+    return fig
+
+
+def _depth(result: LensResult, relative: bool) -> list[float]:
+    n = result.n_rows - 1
+    return [r / n if relative else r for r in range(result.n_rows)]
+
+
+def target_chart(results: list[tuple[str, LensResult]], position: int = -1) -> go.Figure:
+    """The target token's probability (solid) and rank (dotted, log axis) across the layers.
+
+    Several results (a comparison) share the chart; when their depths differ, the x axis is the
+    fraction of the model's depth, so the first and last layers line up.
+    """
+    fig = go.Figure()
+    with_target = [(name, r) for name, r in results if r.target is not None]
+    if not with_target:
+        fig.add_annotation(text="Set a target token to follow it through the layers.", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14))
+        fig.update_layout(height=260, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                          margin=dict(l=10, r=10, t=30, b=10))
+        return fig
+    relative = len({r.n_rows for _, r in with_target}) > 1
+    labels = TokenLabels()
+    for i, (name, result) in enumerate(with_target):
+        col = position % len(result.positions)
+        x = _depth(result, relative)
+        prob = result.target.prob[:, col]
+        rank = result.target.rank[:, col]
+        custom = [[layer, int(k)] for layer, k in zip(row_labels(result), rank)]
+        token = labels(result.target.token)
+        color = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"][i % 4]
+        fig.add_trace(go.Scatter(
+            x=x, y=prob, mode="lines+markers", name=f"{name}: p({token})", line=dict(color=color),
+            customdata=custom, hovertemplate="%{customdata[0]}: p=%{y:.1%}, rank %{customdata[1]}<extra>" + name + "</extra>",
+        ))
+        fig.add_trace(go.Scatter(
+            x=x, y=rank, mode="lines", name=f"{name}: rank", yaxis="y2",
+            line=dict(color=color, dash="dot", width=1), hoverinfo="skip",
+        ))
+    first = with_target[0][1]
+    col = position % len(first.positions)
+    after = labels(first.tokens[first.positions[col]], first.token_ids[first.positions[col]])
+    fig.update_layout(
+        title=dict(text=f"target {labels(first.target.token)} after {after}: probability and rank by layer",
+                   font=dict(size=14)),
+        xaxis=dict(title="fraction of depth (0 = embeddings, 1 = output)" if relative else "layer (0 = embeddings)"),
+        yaxis=dict(title="probability", tickformat=".0%", range=[0, 1.02]),
+        yaxis2=dict(title="rank", type="log", overlaying="y", side="right", autorange="reversed", showgrid=False),
+        legend=dict(orientation="h", y=-0.25),
+        height=360,
+        margin=dict(l=10, r=10, t=50, b=10),
+    )
+    return fig

@@ -1,0 +1,130 @@
+"""The top-k table at one position, a one-paragraph summary, and the JSON / CSV downloads."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from tracing.lens import LensResult
+
+from .plots import row_labels
+from .tokens import TokenLabels, readable
+
+DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "lensbench-downloads"
+_KEEP_SECONDS = 3600
+
+
+def position_choices(result: LensResult, labels: TokenLabels) -> list[tuple[str, int]]:
+    """(label, column index) for each traced position: "4: ␣is → ␣Berlin" (input token → final top-1)."""
+    out = []
+    for c, p in enumerate(result.positions):
+        token = labels(result.tokens[p], result.token_ids[p])
+        final = labels(result.topk_tokens[-1][c][0], int(result.topk_ids[-1, c, 0]))
+        out.append((f"{p}: {token} → {final}", c))
+    return out
+
+
+def topk_table(result: LensResult, column: int = -1, labels: TokenLabels | None = None) -> pd.DataFrame:
+    """One row per layer at one traced position: the top-k with probabilities, entropy, KL, target."""
+    labels = labels or TokenLabels()
+    col = column % len(result.positions)
+    k = result.topk_ids.shape[-1]
+    records = []
+    for r, layer in enumerate(row_labels(result)):
+        rec = {"layer": layer}
+        for i in range(k):
+            tok = labels(result.topk_tokens[r][col][i], int(result.topk_ids[r, col, i]))
+            rec[f"#{i + 1}"] = f"{tok}  {result.topk_probs[r, col, i]:.3f}"
+        rec["entropy"] = round(float(result.entropy[r, col]), 3)
+        rec["KL to final"] = round(float(result.kl_to_final[r, col]), 3)
+        if result.target is not None:
+            rec[f"p({readable(result.target.token)})"] = round(float(result.target.prob[r, col]), 4)
+            rec["rank"] = int(result.target.rank[r, col])
+        records.append(rec)
+    return pd.DataFrame.from_records(records[::-1])  # output on top, as in the heatmap
+
+
+def summary(result: LensResult, column: int = -1, labels: TokenLabels | None = None) -> str:
+    """A short markdown account: what the model predicts, where the target becomes top-1, timings."""
+    labels = labels or TokenLabels()
+    col = column % len(result.positions)
+    pos = result.positions[col]
+    after = labels(result.tokens[pos], result.token_ids[pos])
+    top = labels(result.topk_tokens[-1][col][0], int(result.topk_ids[-1, col, 0]))
+    lines = [f"**{result.model}** · backend **{result.backend}** · {len(result.token_ids)} tokens, "
+             f"{len(result.positions)} traced × {result.n_rows} rows"]
+    lines.append(f"After `{after}` the model predicts `{top}` ({result.topk_probs[-1, col, 0]:.1%}).")
+    if result.target is not None:
+        t = result.target
+        token = labels(t.token)
+        ranks = t.rank[:, col]
+        first_top = next((r for r in range(result.n_rows) if int(ranks[r]) == 1), None)
+        story = " → ".join(f"{_pct(float(t.prob[r, col]))} ({result.layers[r]})" for r in _story_rows(result.n_rows))
+        where = (f"first becomes top-1 at **{result.layers[first_top]}**" if first_top is not None
+                 else f"never becomes top-1 (final rank {int(ranks[-1])})")
+        lines.append(f"Target `{token}`: {where}; probability across depth {story}.")
+    seconds = result.info.get("seconds")
+    if seconds is not None:
+        lines.append(f"Traced in {seconds:.2f} s.")
+    return "  \n".join(lines)
+
+
+def _story_rows(n_rows: int) -> list[int]:
+    """A few rows for a one-line account: embeddings, middle, the last two layers."""
+    last = n_rows - 1
+    return sorted({0, last // 2, max(0, last - 1), last})
+
+
+def _pct(p: float) -> str:
+    return f"{p:.0%}" if p >= 0.01 or p == 0 else f"{p:.1%}" if p >= 0.001 else "<0.1%"
+
+
+def _prune(folder: Path) -> None:
+    cutoff = time.time() - _KEEP_SECONDS
+    for old in folder.glob("*"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+
+
+def _stem(result: LensResult) -> str:
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", result.model).strip("-")[:60]
+    return f"lens-{model}-{result.backend}"
+
+
+def write_downloads(result: LensResult) -> tuple[str, str]:
+    """Write the result as JSON (`LensResult.to_dict`) and as a long CSV; return both paths."""
+    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    _prune(DOWNLOAD_DIR)
+    folder = Path(tempfile.mkdtemp(dir=DOWNLOAD_DIR))
+    json_path = folder / f"{_stem(result)}.json"
+    json_path.write_text(json.dumps(result.to_dict(), ensure_ascii=False))
+    csv_path = folder / f"{_stem(result)}.csv"
+    write_csv(result, csv_path)
+    return str(json_path), str(csv_path)
+
+
+def write_csv(result: LensResult, path: Path) -> None:
+    """One line per (row, position, k): layer, lens, position, input token, rank k, token, id, prob,
+    the cell's entropy and KL, and the target's probability and rank."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["row", "layer", "lens", "position", "input_token", "k", "token", "token_id", "prob",
+                      "entropy", "kl_to_final", "target", "target_prob", "target_rank"])
+        t = result.target
+        for r, (layer, kind) in enumerate(zip(result.layers, result.lens)):
+            for c, pos in enumerate(result.positions):
+                tail = [float(result.entropy[r, c]), float(result.kl_to_final[r, c])]
+                tail += [t.token, float(t.prob[r, c]), int(t.rank[r, c])] if t is not None else ["", "", ""]
+                for k, (tok, tid, p) in enumerate(
+                    zip(result.topk_tokens[r][c], result.topk_ids[r, c], result.topk_probs[r, c]), 1
+                ):
+                    out.writerow([r, layer, kind, pos, result.tokens[pos], k, tok, int(tid), float(p), *tail])
