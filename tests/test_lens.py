@@ -36,8 +36,8 @@ def test_statistics_match_a_direct_computation(case, temperature):
     hidden, project, unembed = case
     stats = summarize(hidden, project, top_k=3, temperature=temperature, target_id=7)
     p, entropy, kl, rank = _reference((hidden @ unembed).numpy(), temperature, 7)
-    np.testing.assert_allclose(stats["entropy"], entropy, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(stats["kl_to_final"], kl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["entropy"], entropy, rtol=1e-5, atol=2e-5)  # float32 cancellation
+    np.testing.assert_allclose(stats["kl_to_final"], kl, rtol=1e-5, atol=2e-5)  # float32 cancellation
     np.testing.assert_allclose(stats["target_prob"], p[..., 7], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(stats["target_rank"], rank)
     order = np.argsort(-p, axis=-1)[..., :3]
@@ -89,3 +89,18 @@ def test_result_to_dict_is_json_with_the_documented_shape(case):
     assert np.array(data["target"]["rank"]).min() >= 1
     assert result.lens == ["logit"] * 4 + ["output"]
     assert "layer 4" in result.table()
+
+
+@pytest.mark.parametrize("vocab", [3, 64, 200, 49152, 49155])
+def test_blocked_topk_equals_torch_topk(vocab):
+    from tracing.lens import _topk
+
+    generator = torch.Generator().manual_seed(vocab)
+    z = torch.randn(6, vocab, generator=generator)
+    z[0, vocab // 2] = 50.0  # a spike
+    z[1, -1] = 60.0  # a winner in the ragged tail
+    k = min(5, vocab)
+    values, ids = _topk(z, k)
+    ref_values, ref_ids = z.topk(k, dim=-1)
+    torch.testing.assert_close(values, ref_values)
+    torch.testing.assert_close(ids, ref_ids)
