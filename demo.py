@@ -78,21 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LENSBENCH_MODEL_BUDGET"] = args.memory_budget
     install_nodeps_on_spaces()
 
-    from ui.app import Settings, build_app
+    from ui.app import Settings, launch
 
     settings = Settings.for_launch(public, allow_custom_models=args.allow_any_model or None,
                                   default_model=args.model, concurrency=args.concurrency)
-    demo, _ = build_app(settings)
-    demo.queue(max_size=32 if public else None, default_concurrency_limit=settings.concurrency)
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        auth=auth_pair(args.auth),
-        inbrowser=wants_browser(args.browser),
-        max_file_size=0,  # no component takes uploads; refuse them at the door
-        show_error=False,
-    )
+    launch(settings, server_name=args.host, server_port=args.port, share=args.share,
+           auth=auth_pair(args.auth), inbrowser=wants_browser(args.browser))
 
 
 if __name__ == "__main__":

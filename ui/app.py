@@ -161,7 +161,7 @@ class LensApp:
             )
         progress(0.5, desc=f"Tracing {len(ids)} tokens…")
         result = tracing.trace_with(
-            tracer, prompt, ids=ids, top_k=top_k, temperature=float(temperature or 1.0),
+            tracer, prompt, ids=ids, top_k=top_k, temperature=1.0 if temperature is None else float(temperature),
             target=(target or None),
         )
         return Traced(result, TokenLabels(byte_lookup(tracer)))
@@ -218,6 +218,15 @@ class LensApp:
         choices, reasons = self.catalog.backend_choices(model)
         usable = [b for _, b in choices if b not in reasons]
         return gr.update(value=usable[0] if usable else None)
+
+    def refresh_models(self, lens_model, chat_model, model_a, model_b):
+        """The model pickers' lists, read again from models/ (selections kept while still listed)."""
+        names, gguf = self.catalog.names(), self.catalog.names(gguf_only=True)
+
+        def keep(value, options, gguf_only=False):
+            return gr.update(choices=options, value=value if value in options else self.catalog.default_name(gguf_only))
+
+        return keep(lens_model, names), keep(chat_model, gguf, True), keep(model_a, names), keep(model_b, names)
 
     # ---------------------------------------------------------------- Compare tab
 
@@ -310,7 +319,7 @@ class LensApp:
         progress(0.1, desc="Tracing the reply through llama.cpp…")
         context = ([{"role": "system", "content": system}] if system else []) + messages[:-1]
         result = trace_reply(entry.name, context, messages[-1]["content"], top_k=self._check_top_k(top_k),
-                             temperature=float(temperature or 1.0))
+                             temperature=1.0 if temperature is None else float(temperature))
         lookup = byte_lookup(tracing.open_tracer(entry.name, "llama-cpp"))
         outputs = self._lens_outputs(Traced(result, TokenLabels(lookup)), metric or plots.DEFAULT_METRIC)
         return (gr.update(selected="lens"), gr.update(value=entry.name), gr.update(value="llama-cpp"), *outputs)
@@ -375,7 +384,7 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                         trace_button = gr.Button("Trace", variant="primary", elem_id="lens-trace")
                         examples = gr.Examples(LENS_EXAMPLES, [prompt, target], label="Examples (click to run)")
                     with gr.Column(scale=3):
-                        summary = gr.Markdown(elem_id="lens-summary")
+                        summary = gr.Markdown(label="Summary", elem_id="lens-summary")
                         heatmap = gr.Plot(label="Layers × positions", elem_id="lens-heatmap")
                         with gr.Row():
                             chart = gr.Plot(label="Target across layers", elem_id="lens-chart")
@@ -394,7 +403,7 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                     with gr.Column(scale=3):
                         chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat-history")
                         with gr.Row():
-                            message = gr.Textbox(placeholder="Message", show_label=False, scale=5,
+                            message = gr.Textbox(placeholder="Message", label="Message", show_label=False, scale=5,
                                                  max_length=s.max_prompt_chars, elem_id="chat-message")
                             send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
                             stop = gr.Button("Stop", scale=1, elem_id="chat-stop")
@@ -433,7 +442,7 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                     c_temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.1, label="Temperature")
                     c_metric = gr.Radio(metrics, value=plots.DEFAULT_METRIC, label="Colour by")
                 compare_button = gr.Button("Compare", variant="primary", elem_id="compare-run")
-                c_summary = gr.Markdown()
+                c_summary = gr.Markdown(label="Summary", elem_id="compare-summary")
                 c_chart = gr.Plot(label="Target across depth, both sides")
                 with gr.Row():
                     c_map_a = gr.Plot(label="A")
@@ -476,8 +485,22 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
             [c_prompt, c_target, model_a, backend_a, model_b, backend_b, c_top_k, c_temperature, c_metric],
             [c_summary, c_chart, c_map_a, c_map_b], api_name="compare", **heavy,
         )
+        # On each page load: the models in models/ now (a file added after start shows up on reload).
+        demo.load(app.refresh_models, [model, chat_model, model_a, model_b], [model, chat_model, model_a, model_b],
+                  api_visibility="private", concurrency_limit=None)
         demo.load(app.chat_model_changed, chat_model, chat_facts, api_visibility="private", concurrency_limit=None)
     return demo, app
+
+
+def launch(settings: Settings | None = None, *, block: bool = True, **launch_options) -> tuple[gr.Blocks, LensApp, str]:
+    """Build the app, queue it and start its server: blocking (demo.py), or in the background
+    (tests, bench) returning (blocks, app, local url). `launch_options` go to `gr.Blocks.launch`."""
+    demo, app = build_app(settings)
+    demo.queue(max_size=32 if app.settings.public else None, default_concurrency_limit=app.settings.concurrency)
+    options = dict(max_file_size=0, show_error=False, inbrowser=False)  # no component takes uploads
+    options.update(launch_options)
+    _, url, _ = demo.launch(prevent_thread_lock=not block, **options)
+    return demo, app, url
 
 
 def _second_choice(catalog: Catalog, names, default_model, backend_default, reasons) -> tuple[str, str]:

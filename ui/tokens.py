@@ -73,11 +73,12 @@ def byte_lookup(tracer) -> callable:
     """A function token id -> bytes or None for the tokenizer behind `tracer`, if it exposes one.
 
     Backends on a transformers model keep it at `tracer.loaded.tokenizer`; a backend may also
-    offer `token_bytes(id)` itself (llama.cpp knows each token's bytes exactly).
+    offer the bytes itself as `token_bytes(id)` or `piece(id)` (llama.cpp knows them exactly).
     """
-    own = getattr(tracer, "token_bytes", None)
-    if callable(own):
-        return own
+    for name in ("token_bytes", "piece"):
+        own = getattr(tracer, name, None)
+        if callable(own):
+            return own
     tokenizer = getattr(getattr(tracer, "loaded", None), "tokenizer", None)
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
     if convert is None:

@@ -1,0 +1,337 @@
+"""The demo's tab functions, in-process, on the real bundled SmolLM2 (PyTorch and llama.cpp).
+
+Each tab function is what a click runs; these tests call them directly, the way Gradio does.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import threading
+import time
+
+import gradio as gr
+import numpy as np
+import pytest
+
+import demo as demo_cli
+import tracing
+from tracing.api import BACKENDS
+from tracing.models import DEFAULT_MODEL_NAME
+from ui import plots, tables
+from ui.app import LensApp, Settings, plain_messages
+from ui.choices import Catalog
+from ui.tokens import TokenLabels, readable, vocab_piece_bytes
+
+PROMPT, TARGET = "The capital of Germany is", " Berlin"
+LENS_OUTPUTS = ("traced", "heatmap", "chart", "position", "table", "summary", "json", "csv")
+
+
+@pytest.fixture(scope="module")
+def app() -> LensApp:
+    return LensApp(Settings())
+
+
+@pytest.fixture(scope="module")
+def berlin(app):
+    """The Lens tab's outputs for the first example, on the default model and the hooks backend."""
+    out = app.lens(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, TARGET, "top-1 probability")
+    return dict(zip(LENS_OUTPUTS, out))
+
+
+def error_message(call) -> str:
+    """Run `call`, which must fail with a gr.Error (a message in the page, not a traceback)."""
+    with pytest.raises(gr.Error) as info:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    return str(info.value.message)
+
+
+# ---------------------------------------------------------------- readable tokens
+
+
+def test_tokens_are_readable():
+    assert readable(" Berlin") == "␣Berlin"
+    assert readable("\n\t") == "\\n\\t"
+    assert readable("\x1b") == "\\x1b"
+    assert readable("") == "∅"
+    assert readable("café") == "café"
+    # A piece of a multi-byte character decodes to U+FFFD: show its bytes instead.
+    assert readable(" \ufffd", b" \xe6") == "␣\\xe6"
+    assert readable("\ufffd") == "�"  # bytes unknown: at least visible
+    # The two ways tokenizers store bytes: GPT-2 byte-level pieces and SentencePiece byte fallback.
+    assert vocab_piece_bytes("Ġæ") == b" \xe6"
+    assert vocab_piece_bytes("Ċ") == b"\n"
+    assert vocab_piece_bytes("<0xE6>") == b"\xe6"
+
+
+def test_partial_utf8_tokens_of_the_real_tokenizer_show_their_bytes(app):
+    tracer = tracing.open_tracer(DEFAULT_MODEL_NAME, "hooks")
+    ids = tracer.encode(" 日")  # SmolLM2 splits 日 (e6 97 a5) into byte pieces
+    texts = [tracer.decode_one(i) for i in ids]
+    assert any("\ufffd" in t for t in texts), texts
+    from ui.tokens import byte_lookup
+
+    labels = TokenLabels(byte_lookup(tracer))
+    shown = "".join(labels(t, i) for t, i in zip(texts, ids))
+    assert shown == "␣\\xe6\\x97\\xa5", shown
+
+
+# ---------------------------------------------------------------- Lens tab
+
+
+def test_lens_tab_on_the_default_model(berlin):
+    result = berlin["traced"].result
+    assert result.backend == "hooks" and result.model == DEFAULT_MODEL_NAME
+    assert result.topk_tokens[-1][-1][0] == " Berlin"
+    assert result.target.prob[-1, -1] == pytest.approx(0.796, abs=0.01)
+
+    heat = berlin["heatmap"].data[0]
+    z = np.asarray(heat.z)
+    assert z.shape == (result.n_rows, len(result.positions)) == (31, 5)
+    np.testing.assert_allclose(z, result.topk_probs[:, :, 0])
+    assert heat.text[-1][-1] == "␣Berlin"  # the cell label: the output row's top-1 after "is"
+    hover = heat.hovertext[-1][-1]
+    assert "layer 30 = output" in hover and "1. ␣Berlin  79.6%" in hover and "rank 1" in hover
+    assert hover.count("<br>") == 2 + 1 + 5 - 1  # place, entropy/KL, target, then the top-5
+
+    chart = berlin["chart"]
+    probs = [t for t in chart.data if t.yaxis in (None, "y")][0]
+    np.testing.assert_allclose(probs.y, result.target.prob[:, -1])
+
+    assert berlin["position"]["value"] == 4
+    assert berlin["position"]["choices"][-1] == ("4: ␣is → ␣Berlin", 4)
+    table = berlin["table"]
+    assert len(table) == 31 and table.iloc[0]["layer"] == "layer 30 = output"
+    assert table.iloc[0]["#1"].startswith("␣Berlin  0.79")
+    assert table.iloc[0]["rank"] == 1
+    assert "first becomes top-1 at **layer 30**" in berlin["summary"]
+
+
+def test_downloads_hold_the_whole_result(berlin):
+    result = berlin["traced"].result
+    with open(berlin["json"]) as f:
+        assert json.load(f) == json.loads(json.dumps(result.to_dict()))
+    with open(berlin["csv"], newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 31 * 5 * 5
+    last = [r for r in rows if r["layer"] == "layer 30" and r["position"] == "4" and r["k"] == "1"][0]
+    assert last["token"] == " Berlin" and last["lens"] == "output"
+    assert float(last["prob"]) == pytest.approx(float(result.topk_probs[-1, -1, 0]), rel=1e-6)
+    assert int(last["target_rank"]) == 1
+
+
+@pytest.mark.parametrize("metric", list(plots.METRICS))
+def test_every_metric_recolours_without_retracing(app, berlin, metric):
+    result = berlin["traced"].result
+    heat, chart, table, summary = app.redraw(berlin["traced"], metric, 2)
+    z = np.asarray(heat.data[0].z)
+    expected = {
+        "top-1 probability": result.topk_probs[:, :, 0],
+        "entropy": result.entropy,
+        "KL to final": result.kl_to_final,
+        "target probability": result.target.prob,
+        "target rank": np.log10(result.target.rank),
+    }[metric]
+    np.testing.assert_allclose(z, expected, rtol=1e-6)
+    assert np.all(np.asarray(result.kl_to_final[-1]) < 1e-5)  # the output row is the output
+    assert table.iloc[0]["#1"].startswith("␣the")  # position 2 ("of") predicts " the"
+    assert "After `␣of`" in summary
+
+
+def test_no_target_falls_back_and_says_so(app):
+    out = dict(zip(LENS_OUTPUTS, app.lens("Hello, my name is", DEFAULT_MODEL_NAME, "hooks", 3, 1.0, "",
+                                          "target probability")))
+    assert out["traced"].result.target is None
+    assert "top-1 probability" in out["heatmap"].layout.title.text  # coloured by top-1 instead
+    assert "Set a target token" in out["chart"].layout.annotations[0].text
+    assert out["table"].shape[1] == 1 + 3 + 2  # layer, top-3, entropy, KL: no target columns
+
+
+OTHER_BACKENDS = [b for b in BACKENDS if b != "hooks"]
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_backend_switch_changes_the_backend_and_results_agree(app, berlin, backend):
+    problem = app.catalog.backend_problem(DEFAULT_MODEL_NAME, backend)
+    if problem and "tuned" in backend:
+        pytest.skip(f"{backend}: {problem}")
+    assert problem is None, problem
+    out = dict(zip(LENS_OUTPUTS, app.lens(PROMPT, DEFAULT_MODEL_NAME, backend, 5, 1.0, TARGET, "top-1 probability")))
+    hooks, other = berlin["traced"].result, out["traced"].result
+    assert other.backend == backend != hooks.backend
+    assert other.topk_tokens[-1][-1][0] == " Berlin"
+    if backend == "llama-cpp":  # the quantized GGUF itself, not its float32 dequantization
+        assert other.target.prob[-1, -1] == pytest.approx(hooks.target.prob[-1, -1], abs=0.05)
+        same = np.mean(other.topk_ids[:, :, 0] == hooks.topk_ids[:, :, 0])
+        assert same >= 0.8, same
+    elif "tuned" not in other.lens:  # a logit lens on the same weights: the same numbers
+        np.testing.assert_array_equal(other.topk_ids[:, :, 0], hooks.topk_ids[:, :, 0])
+        np.testing.assert_allclose(other.topk_probs, hooks.topk_probs, atol=1e-3)
+
+
+def test_backend_switch_lists_the_registry_and_explains_what_is_unavailable(tmp_path, monkeypatch):
+    from tests.tiny_models import tiny_model
+    from tracing import models
+
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    (tmp_path / "broken.gguf").write_bytes(b"NOPE" + bytes(64))
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    app = LensApp(Settings())
+    names = app.catalog.names()
+    assert names[0] == DEFAULT_MODEL_NAME and "tiny-llama" in names and "broken.gguf" in names
+    assert app.catalog.names(gguf_only=True) == [DEFAULT_MODEL_NAME, "broken.gguf"]
+
+    radio, facts, note = app.model_changed("tiny-llama", "llama-cpp")
+    assert [b for _, b in radio["choices"]] == list(BACKENDS)
+    assert radio["value"] == "hooks"  # llama.cpp can't run a PyTorch folder: switched to one that can
+    assert "PyTorch model folder" in facts
+    if "llama-cpp" in BACKENDS:
+        assert ("llama.cpp (on the GGUF) — unavailable", "llama-cpp") in radio["choices"]
+        assert "GGUF files only" in note
+        assert "GGUF files only" in error_message(
+            lambda: app.lens(PROMPT, "tiny-llama", "llama-cpp", 5, 1.0, "", "entropy"))
+
+    radio, facts, note = app.model_changed("broken.gguf", "hooks")
+    assert "not a GGUF file" in facts and "not a GGUF file" in note
+    assert "not a GGUF file" in error_message(lambda: app.lens(PROMPT, "broken.gguf", "hooks", 5, 1.0, "", "entropy"))
+    # A folder without a tokenizer: a message, never a traceback.
+    assert error_message(lambda: app.lens(PROMPT, "tiny-llama", "hooks", 5, 1.0, "", "entropy"))
+
+
+def test_bad_inputs_give_messages(app):
+    lens = app.lens
+    assert "empty" in error_message(lambda: lens("  ", DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "", "entropy"))
+    msg = error_message(lambda: lens(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "Berlin", "entropy"))
+    assert "2 tokens" in msg and "' Berlin' is one token" in msg
+    assert "not one of this app's models" in error_message(
+        lambda: lens(PROMPT, "/etc/passwd", "hooks", 5, 1.0, "", "entropy"))
+    assert "not one of this app's models" in error_message(
+        lambda: lens(PROMPT, "HuggingFaceTB/SmolLM2-135M", "hooks", 5, 1.0, "", "entropy"))
+    assert "top-k must be between 1 and 20" in error_message(
+        lambda: lens(PROMPT, DEFAULT_MODEL_NAME, "hooks", 21, 1.0, "", "entropy"))
+    assert "temperature" in error_message(lambda: lens(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 0, "", "entropy"))
+    assert "not installed" in error_message(lambda: lens(PROMPT, DEFAULT_MODEL_NAME, "nope", 5, 1.0, "", "entropy"))
+    public = LensApp(Settings.for_launch(public=True))
+    assert "at most 256" in error_message(
+        lambda: public.lens("word " * 300, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "", "entropy"))
+    assert "at most 2,000" in error_message(
+        lambda: public.lens("x" * 2001, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "", "entropy"))
+    assert "Type a message" in error_message(lambda: app.chat("", [], None, "", 0.7, 0.9, 10, -1))
+    assert "no reply to trace" in error_message(lambda: app.trace_reply([], None, "", 5, 1.0, "entropy"))
+    assert app.redraw(None, "entropy", 0)[0] == gr.update()  # nothing traced yet: nothing changes
+
+
+# ---------------------------------------------------------------- Compare tab
+
+
+def test_compare_tab_puts_both_trajectories_on_one_chart(app):
+    second = next((b for b in OTHER_BACKENDS if not app.catalog.backend_problem(DEFAULT_MODEL_NAME, b)), "hooks")
+    summary, chart, map_a, map_b = app.compare(PROMPT, TARGET, DEFAULT_MODEL_NAME, "hooks", DEFAULT_MODEL_NAME,
+                                               second, 5, 1.0, "target probability")
+    assert f"**A: {DEFAULT_MODEL_NAME} · hooks**" in summary and f"**B: {DEFAULT_MODEL_NAME} · {second}**" in summary
+    prob_lines = [t for t in chart.data if t.yaxis in (None, "y")]
+    assert [t.name for t in prob_lines] == [f"A: {DEFAULT_MODEL_NAME} · hooks: p(␣Berlin)",
+                                           f"B: {DEFAULT_MODEL_NAME} · {second}: p(␣Berlin)"]
+    for line in prob_lines:
+        assert line.y[-1] == pytest.approx(0.796, abs=0.05)
+    assert map_a.layout.title.text.startswith("A: ") and map_b.layout.title.text.startswith("B: ")
+    assert "Side B" in error_message(lambda: app.compare(PROMPT, TARGET, DEFAULT_MODEL_NAME, "hooks", "nope.gguf",
+                                                         "hooks", 5, 1.0, "entropy"))
+
+
+def test_relative_depth_lines_up_models_of_different_depth(berlin):
+    from dataclasses import replace
+
+    result = berlin["traced"].result
+    shallow = replace(result, layers=result.layers[::3], lens=result.lens[::3],
+                      target=replace(result.target, prob=result.target.prob[::3], rank=result.target.rank[::3]))
+    fig = plots.target_chart([("deep", result), ("shallow", shallow)])
+    xs = [list(t.x) for t in fig.data if t.yaxis in (None, "y")]
+    assert xs[0][0] == xs[1][0] == 0 and xs[0][-1] == xs[1][-1] == 1
+    assert "fraction of depth" in fig.layout.xaxis.title.text
+
+
+# ---------------------------------------------------------------- Chat tab
+
+
+def test_chat_streams_into_the_history(app):
+    updates = list(app.chat("What is the capital of Germany?", [], DEFAULT_MODEL_NAME, "", 0.0, 0.95, 40, 1))
+    assert len(updates) >= 3  # the question at once, then the answer growing
+    first_history, box = updates[0]
+    assert box == "" and first_history[-1] == {"role": "assistant", "content": ""}
+    lengths = [len(h[-1]["content"]) for h, _ in updates]
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[1] > 0
+    history = updates[-1][0]
+    assert history[0] == {"role": "user", "content": "What is the capital of Germany?"}
+    assert "Berlin" in history[-1]["content"]
+    # A second turn sees the first (Gradio hands back content as a list of parts).
+    gradio_history = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in history]
+    assert plain_messages(gradio_history) == history
+    *_, (second, _) = app.chat("And of France?", gradio_history, DEFAULT_MODEL_NAME, "", 0.0, 0.95, 40, 1)
+    assert len(second) == 4 and "Paris" in second[-1]["content"]
+
+
+def test_stop_ends_the_answer(app):
+    stream = app.chat("Write a long story about a dragon.", [], DEFAULT_MODEL_NAME, "", 0.8, 0.95, 400, 3)
+    next(stream)
+    next(stream)
+    started = time.perf_counter()
+    threading.Timer(0.3, app.stop).start()
+    updates = list(stream)
+    assert time.perf_counter() - started < 5
+    answer = updates[-1][0][-1]["content"]
+    assert 0 < len(answer) < 400 * 3  # far fewer than 400 tokens: it stopped
+
+
+def test_chat_model_facts(app):
+    facts = app.chat_model_changed(DEFAULT_MODEL_NAME)
+    assert "30 layers" in facts and "Q4_1" in facts and ("Fits" in facts or "Loaded" in facts)
+    assert "not one of this app's models" in app.chat_model_changed("../../etc/passwd")
+
+
+@pytest.mark.skipif("llama-cpp" not in BACKENDS, reason="the llama.cpp lens backend is not registered")
+def test_trace_this_reply_opens_the_lens_tab_on_the_reply(app):
+    *_, (history, _) = app.chat("What is the capital of Germany?", [], DEFAULT_MODEL_NAME, "", 0.0, 0.95, 30, 1)
+    reply = history[-1]["content"]
+    out = app.trace_reply(history, DEFAULT_MODEL_NAME, "", 5, 1.0, "top-1 probability")
+    tabs, model, backend = out[:3]
+    lens = dict(zip(LENS_OUTPUTS, out[3:]))
+    assert tabs["selected"] == "lens" and model["value"] == DEFAULT_MODEL_NAME and backend["value"] == "llama-cpp"
+    result = lens["traced"].result
+    assert result.backend == "llama-cpp"
+    traced_text = "".join(result.tokens[p] for p in result.positions)
+    assert reply.strip()[:10] in traced_text or traced_text.strip()[:10] in reply
+    assert np.asarray(lens["heatmap"].data[0].z).shape == (result.n_rows, len(result.positions))
+
+
+# ---------------------------------------------------------------- command line and settings
+
+
+def test_command_line_and_public_settings(monkeypatch):
+    args = demo_cli.parse_args(["--share", "--auth", "ann:pw", "--port", "7999", "--model", DEFAULT_MODEL_NAME])
+    assert args.share and args.port == 7999 and demo_cli.auth_pair(args.auth) == ("ann", "pw")
+    with pytest.raises(SystemExit):
+        demo_cli.auth_pair("no-colon")
+    with pytest.raises(SystemExit, match="allow-any-model"):
+        demo_cli.main(["--share", "--allow-any-model"])
+    public = Settings.for_launch(True)
+    assert public.public and public.max_prompt_tokens == 256 and not public.allow_custom_models
+    monkeypatch.setenv("CI", "1")
+    assert demo_cli.wants_browser(None) is False and demo_cli.wants_browser(True) is True
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(demo_cli.sys, "platform", "darwin")
+    assert demo_cli.wants_browser(None) is True
+
+
+def test_a_host_may_allow_typed_paths_locally(tmp_path):
+    from tracing.models import bundled_gguf
+
+    catalog = Catalog(allow_custom=True)
+    entry = catalog.pick(str(bundled_gguf()))
+    assert entry.kind == "gguf" and entry.path == str(bundled_gguf())
+    assert "not one of this app's models" in str(pytest.raises(Exception, Catalog().pick, str(bundled_gguf())).value)
+    assert math.isfinite(len(catalog.facts(str(bundled_gguf()))))
