@@ -229,3 +229,21 @@ def test_cli_errors_are_one_line_without_traceback():
         assert out.returncode == 2
         assert out.stderr.strip().startswith("error: " + message)
         assert "Traceback" not in out.stderr
+
+
+def test_hub_id_offline_is_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="could not be fetched from the Hugging Face hub"):
+        tracing.trace(PROMPT, model="nobody-here/no-such-model")
+
+
+def test_device_and_dtype_defaults(monkeypatch):
+    from tracing.device import default_dtype, pick_device
+
+    monkeypatch.delenv("LENSBENCH_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device().type == expected
+    assert pick_device("cpu").type == "cpu"
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert default_dtype(torch.device("mps")) in (torch.bfloat16, torch.float16)

@@ -29,5 +29,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     if device.type == "mps":
-        return torch.bfloat16 if torch.backends.mps.is_macos_or_newer(14, 0) else torch.float16
+        try:
+            return torch.bfloat16 if torch.backends.mps.is_macos_or_newer(14, 0) else torch.float16
+        except RuntimeError:  # asked off a Mac
+            return torch.float16
     return torch.float32
