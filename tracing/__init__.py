@@ -5,9 +5,10 @@
     >>> print(result.table())
 
 Backends return the same `LensResult`; errors a user can cause are `LensbenchError`s.
+The names below load on first use, so `import tracing.models` (as chat/ does) never pays for
+importing torch.
 """
 
-from .api import backend_names, open_tracer, trace, trace_with
 from .errors import (
     BadModelFile,
     BadPrompt,
@@ -17,15 +18,27 @@ from .errors import (
     NotEnoughMemory,
     UnsupportedModel,
 )
-from .lens import LensResult, TargetTrace
+
+_LAZY = {
+    "trace": "api",
+    "trace_with": "api",
+    "open_tracer": "api",
+    "backend_names": "api",
+    "LensResult": "lens",
+    "TargetTrace": "lens",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'tracing' has no attribute {name!r}")
+
 
 __all__ = [
-    "trace",
-    "trace_with",
-    "open_tracer",
-    "backend_names",
-    "LensResult",
-    "TargetTrace",
+    *_LAZY,
     "LensbenchError",
     "ModelNotFound",
     "BadModelFile",
