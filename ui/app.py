@@ -34,6 +34,13 @@ LENS_EXAMPLES = [
     ["One, two, three, four,", " five"],
 ]
 
+# A backend the selected model cannot use stays in the switch, greyed out and not clickable; the
+# reason is written under it (and the server refuses it too).
+CSS = """
+label[data-testid$="unavailable-radio-label"] { opacity: 0.45; pointer-events: none; }
+#lens-heatmap, #lens-chart { min-height: 0; }
+"""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -497,7 +504,7 @@ def launch(settings: Settings | None = None, *, block: bool = True, **launch_opt
     (tests, bench) returning (blocks, app, local url). `launch_options` go to `gr.Blocks.launch`."""
     demo, app = build_app(settings)
     demo.queue(max_size=32 if app.settings.public else None, default_concurrency_limit=app.settings.concurrency)
-    options = dict(max_file_size=0, show_error=False, inbrowser=False)  # no component takes uploads
+    options = dict(max_file_size=0, show_error=False, inbrowser=False, css=CSS)  # no component takes uploads
     options.update(launch_options)
     _, url, _ = demo.launch(prevent_thread_lock=not block, **options)
     return demo, app, url
