@@ -48,6 +48,7 @@ class Tracer(Protocol):
 # used, so each backend pulls in its own heavy library only when chosen.
 BACKENDS: dict[str, str] = {
     "hooks": "tracing.hooks:open_tracer",
+    "transformer-lens": "tracing.transformer_lens_backend:open_tracer",
 }
 
 
