@@ -49,6 +49,7 @@ class Tracer(Protocol):
 BACKENDS: dict[str, str] = {
     "hooks": "tracing.hooks:open_tracer",
     "transformer-lens": "tracing.transformer_lens_backend:open_tracer",
+    "llama-cpp": "tracing.llama_cpp_backend:open_tracer",
 }
 
 
