@@ -205,6 +205,7 @@ class ChatStream(Iterator[str]):
       finish_reason  None while running, then "stop" (end of turn), "length" (max_tokens
                      reached) or "cancelled"
       time_to_first_token  seconds from the request to the first delta
+      started_at, finished_at  time.perf_counter() when this answer got and released the model
     Closing it (or dropping it) stops generation; the model is freed for the next request.
     """
 
@@ -228,6 +229,14 @@ class ChatStream(Iterator[str]):
     @property
     def finish_reason(self) -> str | None:
         return self._job.finish_reason
+
+    @property
+    def started_at(self) -> float | None:
+        return self._job.started_at
+
+    @property
+    def finished_at(self) -> float | None:
+        return self._job.finished_at
 
     def __iter__(self) -> "ChatStream":
         return self
@@ -409,6 +418,8 @@ class _Job:
         self.out: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.finish_reason: str | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
 
 
 def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.Event) -> None:
@@ -420,6 +431,7 @@ def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.E
             job.finish_reason = "cancelled"
             job.out.put(_DONE)
             return
+    job.started_at = time.perf_counter()
     chunks = None
     try:
         if stopped():
@@ -441,6 +453,7 @@ def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.E
     finally:
         if chunks is not None:
             chunks.close()
+        job.finished_at = time.perf_counter()
         shared.lock.release()
         job.out.put(_DONE)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import logging
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -216,11 +218,13 @@ def _chat_formatter(llama):
 
 # ---------------------------------------------------------------- llama.cpp's log
 
-# llama-cpp-python raises a bare "Failed to load model from file"; llama.cpp logs why. We keep
-# the recent lines and pass every line on to llama-cpp-python's own handler, so output is unchanged.
+# llama-cpp-python raises a bare "Failed to load model from file"; llama.cpp logs why. We keep the
+# recent lines, and print them as llama-cpp-python would, except with the level numbering of the
+# bundled ggml.h (llama-cpp-python 0.3.36 still uses an older one, so with verbose=False it
+# printed llama.cpp's warnings and hid its errors).
 _LOG: collections.deque = collections.deque(maxlen=200)
-# Levels as in the bundled ggml.h (llama-cpp-python's _logger.py still uses an older numbering).
 _GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5
+_GGML_TO_LOGGING = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _log_callback = None
 
 
@@ -229,9 +233,9 @@ def _capture_llama_log() -> None:
     if _log_callback is not None:
         return
     import llama_cpp
-    from llama_cpp import _logger
+    from llama_cpp._logger import logger
 
-    forward = _logger.llama_log_callback
+    last_level = [logging.DEBUG]
 
     @llama_cpp.llama_log_callback
     def capture(level, text, user_data):
@@ -240,7 +244,9 @@ def _capture_llama_log() -> None:
             _LOG[-1] = (_LOG[-1][0], _LOG[-1][1] + decoded)
         else:
             _LOG.append((level, decoded))
-        forward(level, text, user_data)
+            last_level[0] = _GGML_TO_LOGGING.get(level, logging.DEBUG)
+        if logger.isEnabledFor(last_level[0]):
+            print(decoded, end="", flush=True, file=sys.stderr)
 
     _log_callback = capture  # ctypes callbacks must outlive their registration
     llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))

@@ -1,0 +1,46 @@
+"""`python -m chat`: the terminal loop, end to end in a subprocess with the bundled model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_chat(args: list[str], stdin: str = "", **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=180,
+    )
+
+
+def test_terminal_chat_streams_a_multi_turn_conversation():
+    stdin = "What is the capital of Germany?\n/facts\nAnd of France?\n/reset\n/quit\nnever read\n"
+    done = run_chat(["--temperature", "0", "--seed", "1"], stdin)
+    assert done.returncode == 0, done.stderr
+    answers = done.stdout.strip().splitlines()
+    assert len(answers) == 2 and "Berlin" in answers[0] and "Paris" in answers[1]  # the second turn saw the first
+    assert "SmolLM2-135M-Instruct (bundled)" in done.stderr and "Loaded." in done.stderr
+    assert "conversation forgotten" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_facts_only_and_errors_are_one_line():
+    facts = run_chat(["--facts"])
+    assert facts.returncode == 0 and "30 layers" in facts.stderr and facts.stdout == ""
+
+    missing = run_chat(["--model", "no-such-model.gguf"])
+    assert missing.returncode == 2 and missing.stderr.startswith("error: No model called")
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+    too_big = run_chat([], "Hello\n", LENSBENCH_MEMORY_LIMIT="50MB")
+    assert too_big.returncode == 2 and too_big.stdout == ""
+    lines = too_big.stderr.strip().splitlines()
+    assert "Does not fit" in lines[0] and lines[-1].startswith("error: ") and "only 50.0 MB" in lines[-1]
