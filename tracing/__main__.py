@@ -54,7 +54,7 @@ def run_lens(argv: list[str]) -> int:
 
 
 # Subcommands besides the default lens: name -> "module:function" taking argv, returning an exit code.
-COMMANDS = {"lens": "tracing.__main__:run_lens"}
+COMMANDS = {"lens": "tracing.__main__:run_lens", "train-lens": "tracing.train_lens:run_train_lens"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,230 @@
+"""Train a tuned lens on your own text: `python -m tracing train-lens --text FILE [--model M] [--steps N] [--out DIR]`.
+
+As in the tuned-lens paper (Belrose et al. 2023) and its training loop: one affine translator
+per layer (tuned-lens's `TunedLens`), trained so that each layer's lens distribution matches
+the model's own output distribution at the same position (loss: KL(model || lens), summed
+over layers), with SGD + Nesterov momentum (lr 1.0 x (1 - 0.9), momentum 0.9, weight decay
+1e-3), a linear decay of the learning rate to zero, and gradients clipped to norm 1.
+
+The text is cut into sequences of `--seq-len` tokens; the last tenth of them (at least one) is
+held out and measures the lens before and after training: the mean over layers and tokens of
+KL(model || lens). The lens is saved in tuned-lens's format (config.json + params.pt), by
+default in this model's lens folder, where `--backend tuned-lens-tuned` finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import BadPrompt, ModelNotFound
+
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclass
+class TrainReport:
+    """What training did: held-out KL (nats) per lens row, before (logit lens) and after (tuned lens)."""
+
+    out: Path
+    steps: int
+    tokens_per_step: int
+    train_tokens: int
+    held_out_tokens: int
+    seconds: float
+    kl_logit: list[float] = field(default_factory=list)  # per translated row (embeddings, layer 1, ...)
+    kl_tuned: list[float] = field(default_factory=list)
+
+    @property
+    def mean_kl_logit(self) -> float:
+        return sum(self.kl_logit) / len(self.kl_logit)
+
+    @property
+    def mean_kl_tuned(self) -> float:
+        return sum(self.kl_tuned) / len(self.kl_tuned)
+
+    def summary(self) -> str:
+        return (
+            f"Held-out mean KL to the model's output over {len(self.kl_logit)} layers "
+            f"({self.held_out_tokens} tokens): logit lens {self.mean_kl_logit:.2f} nats, "
+            f"tuned lens {self.mean_kl_tuned:.2f} nats "
+            f"({self.steps} steps of {self.tokens_per_step} tokens, {self.seconds:.0f} s)."
+        )
+
+
+def sequences(loaded, text: str, seq_len: int) -> torch.Tensor:
+    """The text as rows of `seq_len` token ids, each led by the special tokens the model's prompts get."""
+    prefix = loaded.encode("")  # e.g. Gemma's BOS; nothing for SmolLM2
+    body = loaded.encode_target(text)
+    step = seq_len - len(prefix)
+    if step < 1:
+        raise BadPrompt(f"--seq-len must be above {len(prefix)}.")
+    rows = [prefix + body[i : i + step] for i in range(0, len(body) - step + 1, step)]
+    if len(rows) < 2:
+        raise BadPrompt(
+            f"The text is {len(body)} tokens: too short to train on and hold some out. Give at least "
+            f"{2 * step} tokens (a few pages of text), or a smaller --seq-len."
+        )
+    return torch.tensor(rows)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Temporarily stop gradients into `module`'s parameters (the shared model's norm and
+    unembedding): autograd then computes only what the translators need, and the model's
+    parameters are left exactly as they were."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _rows_and_targets(tracer, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Residual rows [N+1] x [batch, T, d] and the model's log-probabilities [batch, T, V]."""
+    from .hooks import capture_residuals
+
+    parts = tracer.lens.parts
+    with torch.no_grad(), capture_residuals(parts) as rows:
+        tracer.loaded.model(input_ids=ids, use_cache=False)
+        rows = list(rows)
+        # The last row through the lens is exactly the model's logits (the hooks probe checks this).
+        target = torch.log_softmax(parts.project(rows[-1]).float(), dim=-1)
+    return rows, target
+
+
+def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(target || softmax(logits))."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
+
+
+def held_out_kl(tracer, lens, batches: list[torch.Tensor], tuned: bool) -> list[float]:
+    """Mean KL(model || lens) per translated row over `batches` (the logit lens when not `tuned`)."""
+    sums: list[float] = []
+    with torch.no_grad():
+        for ids in batches:
+            rows, target = _rows_and_targets(tracer, ids)
+            values = [
+                float(_kl(target, lens(h, i) if tuned else lens.unembed(h))) for i, h in enumerate(rows[:-1])
+            ]
+            sums = [a + b for a, b in zip(sums, values)] if sums else values
+    return [total / len(batches) for total in sums]
+
+
+def train_lens(
+    loaded,
+    text: str,
+    *,
+    steps: int = 8,
+    out: str | Path | None = None,
+    tokens_per_step: int = 1024,
+    seq_len: int = 256,
+    lr_scale: float = 1.0,
+    progress: bool = True,
+) -> TrainReport:
+    """Train a tuned lens for `loaded` on `text`, save it in `out` (default: the model's lens folder)."""
+    from tqdm.auto import tqdm
+
+    from .hooks import HooksTracer
+    from .tuned_lens_backend import _unembed, default_lens_dir, new_tuned_lens
+
+    start = time.perf_counter()
+    seq_len = min(seq_len, loaded.context_length or seq_len)
+    data = sequences(loaded, text, seq_len).to(loaded.device)
+    n_held = max(1, round(len(data) * HELD_OUT_FRACTION))
+    train, held = data[:-n_held], data[-n_held:]
+    per_step = max(1, tokens_per_step // seq_len)  # sequences a step (one at a time: bounded memory)
+    tracer = loaded.adapter("hooks", HooksTracer)
+    unembed = _unembed(loaded)
+    lens = new_tuned_lens(loaded.model, tracer.lens.parts, loaded.name, unembed)
+    translators = list(lens.layer_translators.parameters())
+    momentum = 0.9
+    # tuned-lens's SGD: PyTorch's momentum scales the step by 1 / (1 - momentum); undo it.
+    opt = torch.optim.SGD(
+        translators, lr=lr_scale * (1 - momentum), momentum=momentum, nesterov=True, weight_decay=1e-3
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / steps))
+    held_batches = [held[i : i + 1] for i in range(len(held))]
+
+    with loaded.lock, frozen(unembed):
+        kl_logit = held_out_kl(tracer, lens, held_batches, tuned=False)
+        bar = tqdm(range(steps), desc="training the tuned lens", unit="step", disable=not progress, file=sys.stderr)
+        for step in bar:
+            batch = [train[(step * per_step + j) % len(train)].unsqueeze(0) for j in range(per_step)]
+            total = 0.0
+            for ids in batch:
+                rows, target = _rows_and_targets(tracer, ids)
+                for i, h in enumerate(rows[:-1]):  # one layer at a time: one [T, vocab] graph in memory
+                    loss = _kl(target, lens(h, i)) / len(batch)
+                    loss.backward()
+                    total += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(translators, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            schedule.step()
+            bar.set_postfix(kl_per_layer=f"{total / len(rows[:-1]):.2f}")
+        lens.eval()
+        kl_tuned = held_out_kl(tracer, lens, held_batches, tuned=True)
+
+    out = Path(out).expanduser() if out else default_lens_dir(loaded.source)
+    lens.save(out)
+    return TrainReport(
+        out=out,
+        steps=steps,
+        tokens_per_step=per_step * seq_len,
+        train_tokens=int(train.numel()),
+        held_out_tokens=int(held.numel()),
+        seconds=time.perf_counter() - start,
+        kl_logit=kl_logit,
+        kl_tuned=kl_tuned,
+    )
+
+
+def run_train_lens(argv: list[str]) -> int:
+    """The `train-lens` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tracing train-lens",
+        description="Train a tuned lens (tuned-lens's TunedLens) for a model on your text.",
+    )
+    parser.add_argument("--text", required=True, help="a plain-text file to train on (a few pages at least)")
+    parser.add_argument("--model", default=None, help="as for the lens (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps (default: 8)")
+    parser.add_argument("--out", default=None, help="folder to write config.json and params.pt (default: the model's lens folder)")
+    parser.add_argument("--tokens-per-step", type=int, default=1024, help="default: 1024")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        raise BadPrompt("--steps must be at least 1.")
+    path = Path(args.text).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ModelNotFound(f"Cannot read the text file '{path}': {exc.strerror or exc}.") from None
+    from .loading import load_model
+
+    loaded = load_model(args.model, device=args.device)
+    report = train_lens(
+        loaded, text, steps=args.steps, out=args.out, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len
+    )
+    print(report.summary())
+    print(f"{'layer':<12} {'logit lens':>10} {'tuned lens':>10}")
+    for i, (a, b) in enumerate(zip(report.kl_logit, report.kl_tuned)):
+        print(f"{'embeddings' if i == 0 else f'layer {i}':<12} {a:10.3f} {b:10.3f}")
+    print(f"Saved to {report.out}")
+    if args.out is None:
+        model_arg = f" --model {args.model}" if args.model else ""
+        print(f"Use it: python -m tracing --backend tuned-lens-tuned{model_arg} --prompt '...'")
+    else:
+        print(f"Use it: tracing.trace(prompt, backend='tuned-lens-tuned', lens='{report.out}')")
+    return 0
