@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 
 from tracing.errors import LensbenchError
 
@@ -36,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except LensbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or between answers
+        print(file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -78,7 +80,6 @@ def _run(args) -> int:
             print(model_facts(args.model).summary, file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        cancel = threading.Event()
         try:
             stream = stream_chat(
                 args.model,
@@ -88,7 +89,6 @@ def _run(args) -> int:
                 top_p=args.top_p,
                 max_tokens=args.max_tokens,
                 seed=args.seed,
-                cancel=cancel,
             )
         except LensbenchError as exc:  # e.g. a message longer than the context: the chat goes on
             history.pop()
@@ -99,8 +99,7 @@ def _run(args) -> int:
         try:
             for delta in stream:
                 print(delta, end="", flush=True)
-        except KeyboardInterrupt:
-            cancel.set()
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the program
             stream.close()
         print()
         if stream.finish_reason == "cancelled":

@@ -245,7 +245,6 @@ class ChatStream(Iterator[str]):
         while True:
             if self._cancel.is_set():
                 self.close()
-                self._job.finish_reason = self._job.finish_reason or "cancelled"
                 raise StopIteration
             try:
                 item = self._job.out.get(timeout=0.05)
@@ -263,8 +262,10 @@ class ChatStream(Iterator[str]):
             return item
 
     def close(self) -> None:
-        """Stop generating (the text so far stays in `text`)."""
+        """Stop generating (the text so far stays in `text`); finish_reason becomes "cancelled" unless it had ended."""
         self._job.stop.set()
+        if self._job.finish_reason is None:
+            self._job.finish_reason = "cancelled"
 
     def __del__(self):
         self._job.stop.set()
@@ -397,12 +398,19 @@ def _render(shared: SharedLlama, system: str | None, conversation: list[dict]) -
     try:
         prompt = shared.chat_formatter(messages=messages).prompt
     except Exception:
-        if not system:
-            raise BadPrompt("This model's chat template rejects the conversation (it may need strictly alternating user and assistant messages).") from None
-        # Templates without a system role (Gemma, some Mistrals) raise; fold it into the first message.
-        first = dict(conversation[0], content=f"{system}\n\n{conversation[0]['content']}")
-        messages, merged = [first] + conversation[1:], True
-        prompt = shared.chat_formatter(messages=messages).prompt
+        prompt = None
+        if system:  # templates without a system role (Gemma 2, some Mistrals) raise: fold it into the first message
+            first = dict(conversation[0], content=f"{system}\n\n{conversation[0]['content']}")
+            messages, merged = [first] + conversation[1:], True
+            try:
+                prompt = shared.chat_formatter(messages=messages).prompt
+            except Exception:
+                pass
+        if prompt is None:
+            raise BadPrompt(
+                "This model's chat template rejects the conversation (it may need strictly alternating "
+                "user and assistant messages, starting with the user)."
+            ) from None
     # Tokenizing reads only the vocabulary; it is safe beside a running generation.
     tokens = shared.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
     return messages, tokens, merged
@@ -440,13 +448,13 @@ def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.E
         chunks = shared.llama.create_chat_completion(stream=True, **request)
         for chunk in chunks:
             if stopped():
-                job.finish_reason = "cancelled"
+                job.finish_reason = job.finish_reason or "cancelled"
                 break
             choice = chunk["choices"][0]
             delta = choice["delta"].get("content")
             if delta:
                 job.out.put(delta)
-            if choice.get("finish_reason"):
+            if choice.get("finish_reason") and job.finish_reason is None:
                 job.finish_reason = choice["finish_reason"]
     except Exception as exc:  # handed to the consumer, raised from __next__
         job.out.put(exc)

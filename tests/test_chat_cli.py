@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,22 @@ def test_facts_only_and_errors_are_one_line():
     assert too_big.returncode == 2 and too_big.stdout == ""
     lines = too_big.stderr.strip().splitlines()
     assert "Does not fit" in lines[0] and lines[-1].startswith("error: ") and "only 50.0 MB" in lines[-1]
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on():
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "chat", "--max-tokens", "400", "--seed", "1"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
+    )
+    try:
+        chat.stdin.write("Write a long story about a dragon.\n")
+        chat.stdin.flush()
+        assert len(chat.stdout.read(10)) == 10  # the answer is streaming
+        chat.send_signal(signal.SIGINT)
+        chat.stdin.write("Thank you.\n")
+        out, err = chat.communicate(input="", timeout=120)
+    finally:
+        chat.kill()
+    assert chat.returncode == 0, err
+    assert "(stopped)" in err and "Traceback" not in err
+    assert len(out.strip().splitlines()) >= 2  # the stopped answer, then the next one

@@ -181,15 +181,34 @@ def test_split_gguf_loads_and_answers_like_the_single_file(tmp_path):
         stream_chat(str(tmp_path / "incomplete-00001-of-00003.gguf"), GERMANY)
 
 
-def test_stops_on_the_end_of_turn_token_even_when_it_is_not_eos(tmp_path):
-    # Like Llama 3 (<|eot_id|>) or Gemma (<end_of_turn>): the turn ends on a token other than the
-    # GGUF's end-of-sequence. Here SmolLM2's EOS is moved from <|im_end|> to <|endoftext|> (id 0).
-    path = write_split(bundled_gguf(), tmp_path / "smol-eos0.gguf", parts=1, overrides={"tokenizer.ggml.eos_token_id": 0})
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_gemma_like_model_ends_turns_on_a_non_eos_token_and_gets_the_system_prompt_merged(tmp_path):
+    # Like Gemma: the turn ends on a token other than the GGUF's end-of-sequence (<end_of_turn> vs
+    # <eos>), and the template refuses a system role. Here SmolLM2's EOS moves from <|im_end|> to
+    # <|endoftext|> (id 0) and its template raises on a system message.
+    path = write_split(
+        bundled_gguf(),
+        tmp_path / "smol-gemma-like.gguf",
+        parts=1,
+        overrides={"tokenizer.ggml.eos_token_id": 0, "tokenizer.chat_template": NO_SYSTEM_TEMPLATE},
+    )
     shared = load(str(path))
-    assert shared.llama.token_eos() == 0
+    assert shared.llama.token_eos() == 0 and shared.chat_template
     stream = stream_chat(str(path), GERMANY, temperature=0, seed=1, max_tokens=64)
-    text = "".join(stream)
-    assert stream.finish_reason == "stop" and text.strip() == "The capital of Germany is Berlin."
+    assert "".join(stream).strip() == "The capital of Germany is Berlin." and stream.finish_reason == "stop"
+
+    stream = stream_chat(str(path), GERMANY, system="Answer in French.", temperature=0, seed=1, max_tokens=32)
+    assert [n.kind for n in stream.notices] == ["system_merged"]
+    assert stream.messages == [{"role": "user", "content": "Answer in French.\n\nWhat is the capital of Germany?"}]
+    prompt = shared.llama.detokenize(stream.prompt_tokens, special=True).decode()
+    assert prompt == "<|im_start|>user\nAnswer in French.\n\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
+    assert "".join(stream).strip() and stream.finish_reason in ("stop", "length")
 
 
 def _not_gguf(tmp_path, monkeypatch):
