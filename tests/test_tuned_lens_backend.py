@@ -16,22 +16,14 @@ from tracing.errors import BadModelFile, ModelNotFound
 from tracing.hooks import HooksTracer
 from tracing.tuned_lens_backend import (
     ModelUnembed,
-    TunedLensTracer,
     figure,
-    load_tuned_lens,
+    logit_lens_tracer,
     new_tuned_lens,
     trajectory,
+    tuned_lens_tracer,
 )
 
 PROMPT = "The capital of Germany is Berlin, and the capital of France is"
-
-
-def logit_tracer(loaded) -> TunedLensTracer:
-    from tuned_lens.nn import LogitLens
-
-    from tracing.tuned_lens_backend import _unembed
-
-    return loaded.adapter("tuned-lens", lambda l: TunedLensTracer(l, LogitLens(_unembed(l)), "tuned-lens"))
 
 
 def assert_same_lens(reference, other, tolerance=1e-3):
@@ -54,7 +46,7 @@ def test_logit_lens_agrees_with_hooks_on_every_tiny_architecture(tiny_loaded, ar
     loaded = tiny_loaded(arch)
     ids = tiny_ids()[0].tolist()
     reference = trace_with(loaded.adapter("hooks", HooksTracer), None, ids=ids, top_k=3, target="w5")
-    result = trace_with(logit_tracer(loaded), None, ids=ids, top_k=3, target="w5")
+    result = trace_with(logit_lens_tracer(loaded), None, ids=ids, top_k=3, target="w5")
     assert result.backend == "tuned-lens"
     assert result.lens == ["logit"] * (len(result.layers) - 1) + ["output"]
     assert_same_lens(reference, result, tolerance=1e-6)
@@ -89,7 +81,7 @@ def test_1_from_model_fails_on_transformer_lens_4_but_our_unembed_works(tiny_loa
     model = tiny_loaded("llama").model  # an architecture tuned-lens knows
     with pytest.raises(Exception, match="HookedTransformer"):
         LogitLens.from_model(model)
-    result = trace_with(logit_tracer(tiny_loaded("llama")), None, ids=[5, 6, 7])
+    result = trace_with(logit_lens_tracer(tiny_loaded("llama")), None, ids=[5, 6, 7])
     assert result.n_rows == model.config.num_hidden_layers + 1
 
 
@@ -129,7 +121,7 @@ def test_4_one_token_prompt_asserts_in_tuned_lens_but_our_trajectory_works(tiny_
     from tuned_lens.plotting import PredictionTrajectory
 
     loaded = tiny_loaded("qwen2")
-    tracer = logit_tracer(loaded)
+    tracer = logit_lens_tracer(loaded)
     with pytest.raises(AssertionError):
         PredictionTrajectory.from_lens_and_model(tracer.lens, loaded.model, input_ids=[5], tokenizer=loaded.tokenizer)
     one = trajectory(tracer, [5])
@@ -145,7 +137,7 @@ def test_4_one_token_prompt_asserts_in_tuned_lens_but_our_trajectory_works(tiny_
 
 def test_5_plotly_7_rejects_tuned_lens_figures_but_ours_render(tiny_loaded):
     loaded = tiny_loaded("llama")
-    statistic = trajectory(logit_tracer(loaded), tiny_ids()[0].tolist()).entropy()
+    statistic = trajectory(logit_lens_tracer(loaded), tiny_ids()[0].tolist()).entropy()
     with pytest.raises(ValueError, match="titleside"):
         statistic.figure()
     fig = figure(statistic, title="entropy")
@@ -208,12 +200,10 @@ def test_trained_tuned_lens_beats_the_logit_lens_on_held_out_text(tiny_loaded, t
         assert torch.equal(p, before[name]) and p.requires_grad and p.grad is None, name
 
     # Independently of the trainer's own measure: trace text it never saw with both lenses.
-    parts = loaded.adapter("hooks", HooksTracer).lens.parts
-    lens = load_tuned_lens(tmp_path / "lens", loaded.model, parts, loaded.name)
-    tuned = TunedLensTracer(loaded, lens, "tuned-lens-tuned")
+    tuned = tuned_lens_tracer(loaded, tmp_path / "lens")
     held_out = [int(w[1:]) for w in random_text(48, seed=7).split()]
     tuned_result = trace_with(tuned, None, ids=held_out)
-    logit_result = trace_with(logit_tracer(loaded), None, ids=held_out)
+    logit_result = trace_with(logit_lens_tracer(loaded), None, ids=held_out)
     rows = len(tuned_result.layers) - 1
     assert tuned_result.lens == ["tuned"] * rows + ["output"]
     assert tuned_result.kl_to_final[:-1].mean() < logit_result.kl_to_final[:-1].mean()

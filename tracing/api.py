@@ -48,9 +48,9 @@ class Tracer(Protocol):
 # used, so each backend pulls in its own heavy library only when chosen.
 BACKENDS: dict[str, str] = {
     "hooks": "tracing.hooks:open_tracer",
+    "transformer-lens": "tracing.transformer_lens_backend:open_tracer",
     "tuned-lens": "tracing.tuned_lens_backend:open_tracer",
     "tuned-lens-tuned": "tracing.tuned_lens_backend:open_tuned_tracer",
-    "transformer-lens": "tracing.transformer_lens_backend:open_tracer",
     "llama-cpp": "tracing.llama_cpp_backend:open_tracer",
 }
 

@@ -133,8 +133,9 @@ def default_lens_dir(source) -> Path:
     """Where `train-lens` writes, and the tuned backend looks, for a model's lens by default."""
     from .loading import cache_dir
 
-    stem = Path(source.location).stem if source.kind != "hub" else source.location
-    return cache_dir() / "lenses" / re.sub(r"[^\w.-]+", "--", stem)
+    name = source.location if source.kind == "hub" else Path(source.location).name
+    name = name.removesuffix(".gguf")
+    return cache_dir() / "lenses" / re.sub(r"[^\w.-]+", "--", name)
 
 
 class TunedLensTracer:
@@ -179,17 +180,36 @@ def _unembed(loaded) -> ModelUnembed:
     return loaded.adapter("tuned-lens:unembed", lambda l: ModelUnembed(_parts(l)))
 
 
-def open_tracer(model=None, device=None, **load_options) -> TunedLensTracer:
-    """The logit lens computed by tuned-lens's `LogitLens`, on `model` (shared with the other backends)."""
-    from .loading import load_model
-
-    loaded = load_model(model, device=device, **load_options)
+def logit_lens_tracer(loaded) -> TunedLensTracer:
+    """tuned-lens's `LogitLens` on a loaded model (built once per model)."""
     return loaded.adapter("tuned-lens", lambda l: TunedLensTracer(l, LogitLens(_unembed(l)), "tuned-lens"))
 
 
+def tuned_lens_tracer(loaded, folder: str | Path) -> TunedLensTracer:
+    """The tuned lens saved in `folder` on a loaded model (read again when its files change)."""
+    folder = Path(folder).expanduser()
+    stamp = tuple((folder / f).stat().st_mtime_ns for f in LENS_FILES if (folder / f).is_file())
+
+    def build(loaded) -> TunedLensTracer:
+        lens = load_tuned_lens(folder, loaded.model, _parts(loaded), loaded.name, _unembed(loaded))
+        tracer = TunedLensTracer(loaded, lens, "tuned-lens-tuned")
+        tracer.lens_dir = folder
+        return tracer
+
+    return loaded.adapter(f"tuned-lens-tuned:{folder.resolve()}:{stamp}", build)
+
+
+def open_tracer(model=None, device=None, **load_options) -> TunedLensTracer:
+    """Backend "tuned-lens": the logit lens computed by tuned-lens's `LogitLens`, on `model`
+    (loaded once and shared with the other backends)."""
+    from .loading import load_model
+
+    return logit_lens_tracer(load_model(model, device=device, **load_options))
+
+
 def open_tuned_tracer(model=None, device=None, lens=None, **load_options) -> TunedLensTracer:
-    """A trained tuned lens on `model`: from the folder `lens`, or else from this model's default
-    lens folder (where `python -m tracing train-lens` saves)."""
+    """Backend "tuned-lens-tuned": a trained tuned lens on `model`, from the folder `lens`, or else
+    from this model's default lens folder (where `python -m tracing train-lens` saves)."""
     from .loading import load_model
 
     loaded = load_model(model, device=device, **load_options)
@@ -201,16 +221,7 @@ def open_tuned_tracer(model=None, device=None, lens=None, **load_options) -> Tun
             "used from then on. Or give the folder of a downloaded lens (config.json + params.pt) "
             "as lens=DIR."
         )
-    stamp = tuple((folder / f).stat().st_mtime_ns for f in LENS_FILES if (folder / f).is_file())
-
-    def build(loaded) -> TunedLensTracer:
-        tuned = load_tuned_lens(folder, loaded.model, _parts(loaded), loaded.name, _unembed(loaded))
-        tracer = TunedLensTracer(loaded, tuned, "tuned-lens-tuned")
-        tracer.lens_dir = folder
-        return tracer
-
-    # Keyed by the files' times too: a lens trained again is read again.
-    return loaded.adapter(f"tuned-lens-tuned:{folder.resolve()}:{stamp}", build)
+    return tuned_lens_tracer(loaded, folder)
 
 
 def _model_arg(loaded) -> str:
