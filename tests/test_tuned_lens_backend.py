@@ -19,6 +19,7 @@ from tracing.tuned_lens_backend import (
     figure,
     logit_lens_tracer,
     new_tuned_lens,
+    trained_lens_dir,
     trajectory,
     tuned_lens_tracer,
 )
@@ -237,6 +238,7 @@ def test_train_then_trace_through_the_default_lens_folder(tiny_folder, tmp_path,
     from tracing.__main__ import main
 
     monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    assert trained_lens_dir(str(tiny_folder)) is None
     with pytest.raises(ModelNotFound, match="no tuned lens for .* yet.*train-lens"):
         trace("w5 w6 w7", model=str(tiny_folder), backend="tuned-lens-tuned", device="cpu")
     text = tmp_path / "text.txt"
@@ -244,7 +246,7 @@ def test_train_then_trace_through_the_default_lens_folder(tiny_folder, tmp_path,
     argv = ["train-lens", "--model", str(tiny_folder), "--text", str(text), "--steps", "2", "--seq-len", "32",
             "--tokens-per-step", "64", "--device", "cpu"]
     assert main(argv) == 0
-    assert (tmp_path / "cache" / "lenses" / "tiny-llama" / "params.pt").is_file()
+    assert trained_lens_dir(str(tiny_folder)) == tmp_path / "cache" / "lenses" / "tiny-llama"
     capsys.readouterr()
     assert main(["--backend", "tuned-lens-tuned", "--model", str(tiny_folder), "--prompt", "w5 w6 w7", "--device", "cpu"]) == 0
     assert "backend: tuned-lens-tuned" in capsys.readouterr().out

@@ -211,25 +211,34 @@ def open_tuned_tracer(model=None, device=None, lens=None, **load_options) -> Tun
     """Backend "tuned-lens-tuned": a trained tuned lens on `model`, from the folder `lens`, or else
     from this model's default lens folder (where `python -m tracing train-lens` saves)."""
     from .loading import load_model
+    from .models import resolve
 
-    loaded = load_model(model, device=device, **load_options)
-    folder = Path(lens).expanduser() if lens else default_lens_dir(loaded.source)
-    if not lens and not (folder / "params.pt").is_file():
+    source = resolve(model)
+    folder = Path(lens).expanduser() if lens else default_lens_dir(source)
+    if not lens and not (folder / "params.pt").is_file():  # say so before loading the model
         raise ModelNotFound(
-            f"There is no tuned lens for {loaded.name} yet. Train one on some text (a few minutes): "
-            f"python -m tracing train-lens{_model_arg(loaded)} --text FILE. It is saved in {folder} and "
+            f"There is no tuned lens for {source.name} yet. Train one on some text (a few minutes): "
+            f"python -m tracing train-lens{_model_arg(source)} --text FILE. It is saved in {folder} and "
             "used from then on. Or give the folder of a downloaded lens (config.json + params.pt) "
             "as lens=DIR."
         )
-    return tuned_lens_tracer(loaded, folder)
+    return tuned_lens_tracer(load_model(model, device=device, **load_options), folder)
 
 
-def _model_arg(loaded) -> str:
+def trained_lens_dir(model=None) -> Path | None:
+    """The default lens folder of `model` if a lens was trained there (for a UI to offer the tuned lens)."""
+    from .models import resolve
+
+    folder = default_lens_dir(resolve(model))
+    return folder if all((folder / f).is_file() for f in LENS_FILES) else None
+
+
+def _model_arg(source) -> str:
     from .models import DEFAULT_MODEL_NAME
 
-    if loaded.name == DEFAULT_MODEL_NAME:
+    if source.name == DEFAULT_MODEL_NAME:
         return ""
-    location = loaded.source.location
+    location = source.location
     return f" --model '{location}'" if " " in location else f" --model {location}"
 
 
