@@ -107,15 +107,18 @@ class TransformerLensLens:
                 f"{_library()}'s adapter for {self.bridge.cfg.architecture} maps no unembedding, "
                 f"so it has no lens. {_USE_HOOKS}"
             )
-        self.readout = [getattr(self.bridge, name) for name in READOUT if name in self.bridge._modules]
-        forward = text_model(model).forward
-        self._keep_arg = "logits_to_keep" in inspect.signature(forward).parameters
-        self._check(probe_ids)
+        self.readout_names = [name for name in READOUT if name in self.bridge._modules]
+        self.readout = [getattr(self.bridge, name) for name in self.readout_names]
+        original = text_model(model)
+        self._keep_arg = "logits_to_keep" in inspect.signature(original.forward).parameters
+        with torch.no_grad():
+            logits = original(input_ids=probe_ids, use_cache=False).logits[0]
+        self._check(probe_ids, logits)
 
-    def _check(self, probe_ids: torch.Tensor) -> None:
-        """The lens on the last block's output must give the model's own logits."""
+    def _check(self, probe_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """The bridge's lens on its last block's output must give the (unbridged) model's own logits."""
         try:
-            hidden, logits = self.residuals(probe_ids, last_only=False, keep_logits=True)
+            hidden, _ = self.residuals(probe_ids, last_only=False)
             lens_logits = self.project(hidden[-1]).float()
         except UnsupportedModel:
             raise
@@ -128,19 +131,14 @@ class TransformerLensLens:
         self.probe_error = float((lens_logits - logits.float()).abs().max() / scale)
         if not self.probe_error < _PROBE_TOLERANCE:
             raise UnsupportedModel(
-                f"{_library()}'s lens ({' -> '.join([*self._readout_names(), 'unembed'])}) does not reproduce this "
+                f"{_library()}'s lens ({' -> '.join([*self.readout_names, 'unembed'])}) does not reproduce this "
                 f"{self.bridge.cfg.architecture}'s own output (relative error {self.probe_error:.2e}). {_USE_HOOKS}"
             )
 
-    def _readout_names(self) -> list[str]:
-        return [name for name in READOUT if name in self.bridge._modules]
-
-    def residuals(
-        self, input_ids: torch.Tensor, last_only: bool = False, keep_logits: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the bridge once: (rows [N+1, positions, d], the model's logits [positions, vocab] or None)."""
+    def residuals(self, input_ids: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the bridge once: (rows [N+1, positions, d], the model's logits at the last position)."""
         kwargs = {"use_cache": False}
-        if self._keep_arg and not keep_logits:
+        if self._keep_arg:
             # The lens computes every row itself: the model's head need only run on one position
             # (the bridge passes keywords it doesn't know through to the transformers forward).
             kwargs["logits_to_keep"] = 1
@@ -150,7 +148,7 @@ class TransformerLensLens:
         if len(rows) != self.n_blocks + 1:
             raise UnsupportedModel(f"{_library()} returned {len(rows)} residual snapshots, not {self.n_blocks + 1}.")
         hidden = torch.stack([r[-1:] if last_only else r for r in rows])
-        return hidden, (logits[0] if keep_logits else None)
+        return hidden, logits[0, -1]
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Residual [..., d_model] -> logits [..., vocab]: ln_final, unembed, the logit transform."""
