@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tracing.errors import BadPrompt, LensbenchError, UnsupportedModel
-from tracing.models import DEFAULT_MODEL_NAME, GGUFFacts, available_memory, human_bytes, human_count, resolve
+from tracing.errors import BadPrompt, LensbenchError, NotEnoughMemory, UnsupportedModel
+from tracing.models import DEFAULT_MODEL_NAME, GGUFFacts, available_memory, check_fits, human_bytes, human_count, resolve
 
-from .shared import SharedLlama, context_for, gguf_facts, memory_needed, shared_llama
+from .shared import SharedLlama, context_for, gguf_facts, loaded_model, memory_needed, shared_llama
 
 ROLES = ("user", "assistant")
 
@@ -82,13 +82,15 @@ def model_facts(model: str | None = None) -> ModelFacts:
     or damaged file and UnsupportedModel for a source that is not a GGUF file.
     """
     path, display = _gguf_path(model)
-    from .shared import _LOADED
-
-    shared = _LOADED.get(str(path))
+    shared = loaded_model(path)
     facts = shared.facts if shared and shared.facts else gguf_facts(path)
     context = shared.n_ctx if shared else context_for(facts)
     needed, free = memory_needed(facts, context), available_memory()
-    fits = shared is not None or needed <= free
+    try:
+        check_fits(needed, path.name)  # the same verdict a load gets
+        fits = True
+    except NotEnoughMemory:
+        fits = shared is not None
     family = _family(facts)
     active = _active_parameters(facts)
     used = _meta(facts, "expert_used_count")

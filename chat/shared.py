@@ -142,6 +142,11 @@ def describe_size(facts: GGUFFacts) -> str:
     return f"{facts.architecture}{moe}, {human_count(facts.n_params)} parameters, {facts.quantization}"
 
 
+def loaded_model(path: str | Path) -> SharedLlama | None:
+    """The loaded model for `path`, or None if it is not loaded (never loads)."""
+    return _LOADED.get(str(Path(path).resolve()))
+
+
 def loaded() -> list[Path]:
     """Paths of the models loaded in this process."""
     return [shared.path for shared in _LOADED.values()]
@@ -301,6 +306,7 @@ __all__ = [
     "SharedLlama",
     "shared_llama",
     "loaded",
+    "loaded_model",
     "release",
     "context_for",
     "memory_needed",

@@ -36,12 +36,12 @@ def test_streams_incremental_text(smol):
 
 
 def test_fixed_seed_gives_the_same_answer(smol):
-    options = dict(temperature=1.0, top_p=0.95, max_tokens=24)
+    options = dict(temperature=1.0, top_p=0.95, max_tokens=16)
     first = chat(None, STORY, seed=1234, **options)
     chat(None, GERMANY, seed=7, **options)  # something else in between: the KV cache now holds another prompt
     second = chat(None, STORY, seed=1234, **options)
     assert first == second
-    others = {chat(None, STORY, seed=seed, **options) for seed in (1, 2, 3)}
+    others = {chat(None, STORY, seed=seed, **options) for seed in (1, 2)}
     assert others != {first}  # the seed does drive sampling
 
 
@@ -181,11 +181,12 @@ def test_context_overflow_drops_the_oldest_turns_and_says_so(small_context):
 
 
 def test_answer_is_shortened_when_the_question_fills_the_context(small_context):
-    question = [{"role": "user", "content": "Repeat: " + "apple " * 200}]
+    question = [{"role": "user", "content": "Repeat: " + "apple " * 60}]
     stream = stream_chat(small_context, question, temperature=0, seed=1, max_tokens=200)
     assert [n.kind for n in stream.notices] == ["shortened"]
     assert stream.max_tokens == 256 - len(stream.prompt_tokens) < 200
-    "".join(stream)
+    assert next(stream)
+    stream.close()
 
 
 def test_message_longer_than_the_context_is_refused(small_context):

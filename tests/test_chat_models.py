@@ -203,7 +203,7 @@ def test_gemma_like_model_ends_turns_on_a_non_eos_token_and_gets_the_system_prom
     stream = stream_chat(str(path), GERMANY, temperature=0, seed=1, max_tokens=64)
     assert "".join(stream).strip() == "The capital of Germany is Berlin." and stream.finish_reason == "stop"
 
-    stream = stream_chat(str(path), GERMANY, system="Answer in French.", temperature=0, seed=1, max_tokens=32)
+    stream = stream_chat(str(path), GERMANY, system="Answer in French.", temperature=0, seed=1, max_tokens=8)
     assert [n.kind for n in stream.notices] == ["system_merged"]
     assert stream.messages == [{"role": "user", "content": "Answer in French.\n\nWhat is the capital of Germany?"}]
     prompt = shared.llama.detokenize(stream.prompt_tokens, special=True).decode()
