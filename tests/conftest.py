@@ -78,3 +78,26 @@ def tiny_loaded():
         return built[arch]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def smollm2_llama_cpp():
+    """The llama.cpp lens on the bundled SmolLM2 GGUF (chat's shared Llama)."""
+    from tracing.api import open_tracer
+
+    return open_tracer(None, "llama-cpp")
+
+
+@pytest.fixture(scope="session")
+def gemma3_llama_cpp(gemma3_gguf):
+    from tracing.api import open_tracer
+
+    return open_tracer(str(gemma3_gguf), "llama-cpp")
+
+
+@pytest.fixture(scope="session")
+def gemma3_hooks(gemma3, gemma3_gguf):
+    """The hooks lens on Gemma 3 270M dequantized into PyTorch (the `gemma3` fixture's model)."""
+    from tracing.api import open_tracer
+
+    return open_tracer(str(gemma3_gguf), "hooks", device="cpu")

@@ -60,10 +60,11 @@ LOGIT_SCALE: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 # The lens on the last block must reproduce llama.cpp's own logits this closely (relative to their
 # scale). It matches to the last bit on the CPU; a GPU build's matmul rounds differently.
 _PROBE_TOLERANCE = 1e-3
-# The lens context's batch: small enough that llama.cpp's logits and compute buffers stay around
-# 64 MB even for a 262k vocabulary (they grow with tokens-per-batch x vocabulary).
-_OUTPUT_BUFFER_BYTES = 64 * 2**20
-_MAX_UBATCH = 512
+# Tokens per llama.cpp decode, and logits requested per decode: llama.cpp keeps a logits buffer
+# of (requested outputs x vocabulary) floats, so a decode asks for at most ~16 MB of them (16
+# positions of Gemma's 262k vocabulary); a long trace takes several decodes.
+_UBATCH = 512
+_OUTPUT_BYTES_PER_DECODE = 16 * 2**20
 
 
 # ---------------------------------------------------------------- the head: final norm + unembedding
@@ -297,8 +298,7 @@ class LlamaCppTracer:
         self._ctx = None
         self._ctx_tokens = 0
         self._batch = None
-        self._ubatch = max(16, min(_MAX_UBATCH, _OUTPUT_BUFFER_BYTES // (4 * self.n_vocab)))
-        self._ubatch = 1 << (self._ubatch.bit_length() - 1)  # a power of two
+        self._max_outputs = max(1, _OUTPUT_BYTES_PER_DECODE // (4 * self.n_vocab))
         self._pieces: dict[int, str] = {}
         self.logits: np.ndarray | None = None  # llama.cpp's own logits at the last traced position
         self.keep_all_logits = False  # tests: keep them at every traced position
@@ -371,7 +371,8 @@ class LlamaCppTracer:
 
         Whatever chat format the shared `Llama` uses (the GGUF's template or llama-cpp-python's
         fallback), its handler renders and tokenizes the prompt, then asks for a completion; we
-        stand in for the `Llama` and keep that prompt instead.
+        stand in for the `Llama` and keep that prompt instead. A template without a system role
+        (Gemma) gets the system prompt folded into the first message, as chat.engine does.
         """
         from llama_cpp import llama_chat_format
 
@@ -381,12 +382,21 @@ class LlamaCppTracer:
             or llama._chat_handlers.get(llama.chat_format)
             or llama_chat_format.get_chat_completion_handler(llama.chat_format)
         )
-        catcher = _PromptCatcher(llama)
-        try:
-            handler(llama=catcher, messages=messages)
-        except _Prompt as prompt:
-            return list(prompt.ids)
-        raise UnsupportedModel(f"The chat format of '{self.model_name}' did not produce a prompt.")
+        attempts = [messages]
+        if len(messages) > 1 and messages[0].get("role") == "system":
+            first = dict(messages[1], content=f"{messages[0]['content']}\n\n{messages[1]['content']}")
+            attempts.append([first] + messages[2:])
+        for attempt in attempts:
+            try:
+                handler(llama=_PromptCatcher(llama), messages=attempt)
+            except _Prompt as prompt:
+                return list(prompt.ids)
+            except Exception:  # the template's own error, e.g. roles that must alternate
+                continue
+        raise BadPrompt(
+            "This model's chat template rejects the conversation (it may need strictly alternating "
+            "user and assistant messages)."
+        )
 
     # -- llama.cpp
 
@@ -400,7 +410,7 @@ class LlamaCppTracer:
         size = min(size, max(self.context_length, n_tokens))
         params = type(self.llama.context_params).from_buffer_copy(self.llama.context_params)
         params.n_ctx = size
-        params.n_batch = params.n_ubatch = min(self._ubatch, size)
+        params.n_batch = params.n_ubatch = min(_UBATCH, size)
         params.n_seq_max = 1
         params.embeddings = False
         params.swa_full = False  # one sequence from its start: the sliding window is enough
@@ -443,8 +453,7 @@ class LlamaCppTracer:
         logits = np.empty((len(traced), self.n_vocab), np.float32) if self.keep_all_logits else None
         column = 0
         started = time.perf_counter()
-        for start in range(0, len(ids), ubatch):
-            end = min(start + ubatch, len(ids))
+        for start, end in decode_spans(is_traced, ubatch, self._max_outputs):
             local = np.flatnonzero(is_traced[start:end])
             for i in range(end - start):
                 batch.token[i] = ids[start + i]
@@ -495,6 +504,18 @@ class LlamaCppTracer:
                 "transforms its logits in a way lensbench does not know."
             )
         return error
+
+
+def decode_spans(is_traced: np.ndarray, ubatch: int, max_outputs: int):
+    """Consecutive token spans [start, end) of at most `ubatch` tokens, `max_outputs` of them traced."""
+    start, n = 0, len(is_traced)
+    while start < n:
+        end, outputs = start, 0
+        while end < n and end - start < ubatch and outputs + is_traced[end] <= max_outputs:
+            outputs += int(is_traced[end])
+            end += 1
+        yield start, end
+        start = end
 
 
 class _Prompt(Exception):
