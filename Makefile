@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench clean-venv chromium bench-demo
 
 # A Python >= 3.10; 3.11 first (this project's pinned torch wheel is built for it).
 PYTHON_FOR_VENV = $(shell for p in python3.11 python3.12 python3.13 python3.10 python3; do \
@@ -21,6 +21,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
+# Opens the app in your browser (not on CI, or on Linux without a display). ARGS="--share" for a public link.
 demo: $(STAMP)
 	$(PY) demo.py $(ARGS)
 
@@ -29,6 +30,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_lens.py
+
+# Debian's Chromium, for tests/test_browser.py and bench/bench_demo.py (Playwright drives it; its own
+# browser download needs the network). Installs only when /usr/bin/chromium is missing.
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+		if ! command -v apt-get >/dev/null; then echo "No apt-get here: install Chromium at /usr/bin/chromium, or skip the browser tests."; exit 1; fi; \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+bench-demo: $(STAMP) chromium
+	$(PY) bench/bench_demo.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -386,7 +386,8 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                         backend_note = gr.Markdown(reasons_markdown(reasons))
                         with gr.Row():
                             top_k = gr.Slider(1, s.max_top_k, value=5, step=1, label="Top-k")
-                            temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.1, label="Temperature")
+                            temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.1, label="Temperature",
+                                                    elem_id="lens-temperature")
                         metric = gr.Radio(metrics, value=plots.DEFAULT_METRIC, label="Colour by")
                         trace_button = gr.Button("Trace", variant="primary", elem_id="lens-trace")
                         examples = gr.Examples(LENS_EXAMPLES, [prompt, target], label="Examples (click to run)")
@@ -446,7 +447,8 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                         backend_b = gr.Radio(catalog.backend_choices(second[0])[0], value=second[1], label="Backend B")
                 with gr.Row():
                     c_top_k = gr.Slider(1, s.max_top_k, value=5, step=1, label="Top-k")
-                    c_temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.1, label="Temperature")
+                    c_temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.1, label="Temperature",
+                                                    elem_id="compare-temperature")
                     c_metric = gr.Radio(metrics, value=plots.DEFAULT_METRIC, label="Colour by")
                 compare_button = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 c_summary = gr.Markdown(label="Summary", elem_id="compare-summary")
