@@ -206,12 +206,12 @@ class ChatStream(Iterator[str]):
       text           everything yielded so far
       finish_reason  None while running, then "stop" (end of turn), "length" (max_tokens
                      reached) or "cancelled"
-      time_to_first_token  seconds from the request to the first delta
+      time_to_first_token  seconds from the stream_chat call to the first delta (a load included)
       started_at, finished_at  time.perf_counter() when this answer got and released the model
     Closing it (or dropping it) stops generation; the model is freed for the next request.
     """
 
-    def __init__(self, shared: SharedLlama, request: dict, plan: "_Plan", cancel: threading.Event | None):
+    def __init__(self, shared: SharedLlama, request: dict, plan: "_Plan", cancel: threading.Event | None, requested: float):
         self.model_name = shared.path.name
         self.notices: list[ChatNotice] = plan.notices
         self.messages: list[dict] = plan.messages
@@ -222,7 +222,7 @@ class ChatStream(Iterator[str]):
         self.time_to_first_token: float | None = None
         self._cancel = cancel or threading.Event()
         self._job = _Job()
-        self._requested = time.perf_counter()
+        self._requested = requested
         request = dict(request, messages=plan.messages, max_tokens=plan.max_tokens)
         # The worker owns the lock from start to end of generation: consumers may iterate from any
         # thread (Gradio steps generators in a thread pool), which a held RLock would not allow.
@@ -245,7 +245,7 @@ class ChatStream(Iterator[str]):
 
     def __next__(self) -> str:
         while True:
-            if self._cancel.is_set():
+            if self._cancel.is_set() or self._job.stop.is_set():
                 self.close()
                 raise StopIteration
             try:
@@ -300,6 +300,7 @@ def stream_chat(
     Requests to the same model are served one after another. Loading, memory and prompt
     problems raise tracing.errors exceptions here, before anything is generated.
     """
+    requested = time.perf_counter()
     _check_settings(temperature, top_p, max_tokens, seed)
     conversation = _normalize(messages)
     shared = load(model)
@@ -309,7 +310,7 @@ def stream_chat(
         top_p=float(top_p),
         seed=int(seed) if seed is not None else random.randrange(2**31),
     )
-    return ChatStream(shared, request, plan, cancel)
+    return ChatStream(shared, request, plan, cancel, requested)
 
 
 def chat(model: str | None, messages: list[dict], **options) -> str:
