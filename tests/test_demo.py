@@ -172,6 +172,31 @@ def test_backend_switch_changes_the_backend_and_results_agree(app, berlin, backe
         np.testing.assert_allclose(other.topk_probs, hooks.topk_probs, atol=1e-3)
 
 
+def test_tuned_lens_is_offered_once_trained_and_its_rows_are_marked(app, berlin, tmp_path, monkeypatch):
+    from tracing.loading import load_model
+    from tracing.models import resolve
+    from tracing.tuned_lens_backend import default_lens_dir, new_tuned_lens
+
+    loaded = load_model(None)  # already in memory: moving the cache folder below does not reload it
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path))
+    problem = app.catalog.backend_problem(DEFAULT_MODEL_NAME, "tuned-lens-tuned")
+    assert "no tuned lens trained" in problem and "train-lens" in problem
+    radio, _, note = app.model_changed(DEFAULT_MODEL_NAME, "tuned-lens-tuned")
+    assert radio["value"] == "hooks" and "train-lens" in note
+    # An untrained tuned lens (every translator the identity) where train-lens would save one.
+    parts = tracing.open_tracer(None, "hooks").lens.parts
+    new_tuned_lens(loaded.model, parts, loaded.name).save(default_lens_dir(resolve(None)))
+    assert app.catalog.backend_problem(DEFAULT_MODEL_NAME, "tuned-lens-tuned") is None
+    out = dict(zip(LENS_OUTPUTS, app.lens(PROMPT, DEFAULT_MODEL_NAME, "tuned-lens-tuned", 5, 1.0, TARGET,
+                                          "top-1 probability")))
+    tuned, hooks = out["traced"].result, berlin["traced"].result
+    assert tuned.lens[:-1] == ["tuned"] * 30 and tuned.lens[-1] == "output"
+    ticks = list(out["heatmap"].layout.yaxis.ticktext)
+    assert ticks[1] == "layer 1 · tuned" and ticks[-1] == "layer 30 = output"
+    np.testing.assert_array_equal(tuned.topk_ids[:, :, 0], hooks.topk_ids[:, :, 0])
+    np.testing.assert_allclose(tuned.topk_probs, hooks.topk_probs, atol=1e-3)
+
+
 def test_backend_switch_lists_the_registry_and_explains_what_is_unavailable(tmp_path, monkeypatch):
     from tests.tiny_models import tiny_model
     from tracing import models

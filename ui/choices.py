@@ -28,10 +28,9 @@ BACKEND_LABELS: dict[str, str] = {
     "transformer-lens": "TransformerLens",
     "tuned-lens": "tuned-lens · logit lens",
     "tuned-lens-tuned": "tuned-lens · tuned lens",
-    "tuned": "tuned-lens · tuned lens",
     "llama-cpp": "llama.cpp (on the GGUF)",
 }
-TORCH_BACKENDS = {"hooks", "transformer-lens", "tuned-lens", "tuned-lens-tuned", "tuned"}
+TORCH_BACKENDS = {"hooks", "transformer-lens", "tuned-lens", "tuned-lens-tuned"}
 
 
 def backend_label(name: str) -> str:
@@ -141,7 +140,11 @@ class Catalog:
         if backend == "llama-cpp" and entry.kind != "gguf":
             return "llama.cpp runs GGUF files only; this model is a PyTorch folder."
         if backend in TORCH_BACKENDS and entry.kind == "gguf":
-            return _torch_gguf_problem(entry.path)
+            problem = _torch_gguf_problem(entry.path)
+            if problem:
+                return problem
+        if backend == "tuned-lens-tuned":
+            return _tuned_lens_problem(entry.name)
         return None
 
     def backend_choices(self, name: str | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -181,6 +184,17 @@ def _torch_gguf_problem(path: str) -> str | None:
     if facts.architecture not in gguf_architectures_transformers_loads():
         return f"transformers cannot load '{facts.architecture}' GGUF files into PyTorch; use llama.cpp."
     return None
+
+
+def _tuned_lens_problem(name: str) -> str | None:
+    """A tuned lens is trained per model (`python -m tracing train-lens`); say how when there is none."""
+    from tracing.tuned_lens_backend import trained_lens_dir
+
+    if trained_lens_dir(name) is not None:
+        return None
+    model = "" if name == DEFAULT_MODEL_NAME else f" --model '{name}'"
+    return (f"no tuned lens trained for this model yet. Train one (a few minutes): "
+            f"`python -m tracing train-lens{model} --text FILE`, then reload this page.")
 
 
 def reasons_markdown(reasons: dict[str, str]) -> str:

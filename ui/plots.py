@@ -36,6 +36,8 @@ METRICS: dict[str, Metric] = {
 }
 DEFAULT_METRIC = "top-1 probability"
 _CELL_CHARS = 8  # longest cell label before it is cut (the hover shows it whole)
+_MAX_LABELLED_COLUMNS = 40  # wider heatmaps drop the cell labels (unreadable there); hovering still shows all
+_MAX_TICKS = 40
 
 
 def metric_values(result: LensResult, metric: str) -> np.ndarray:
@@ -127,13 +129,16 @@ def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabel
     if spec.percent:
         colorbar.update(tickformat=".0%")
     n_rows, n_cols = z.shape
+    labelled = n_cols <= _MAX_LABELLED_COLUMNS
+    tick_step = -(-n_cols // _MAX_TICKS)
+    ticks = list(range(0, n_cols, tick_step))
     fig = go.Figure(
         go.Heatmap(
             z=z,
             x=list(range(n_cols)),
             y=list(range(n_rows)),
-            text=cell_text,
-            texttemplate="%{text}",
+            text=cell_text if labelled else None,
+            texttemplate="%{text}" if labelled else None,
             textfont=dict(size=10 if n_cols <= 24 else 8),
             hovertext=hover_texts(result, labels),
             hovertemplate="%{hovertext}<extra></extra>",
@@ -150,7 +155,7 @@ def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabel
     fig.update_layout(
         title=dict(text=title or f"{result.model} · {result.backend}{target} · colour: {spec.title}", font=dict(size=14)),
         xaxis=dict(
-            tickmode="array", tickvals=list(range(n_cols)), ticktext=column_labels(result, labels),
+            tickmode="array", tickvals=ticks, ticktext=[column_labels(result, labels)[c] for c in ticks],
             title="input position (each cell: the predicted next token)", tickangle=-40 if n_cols > 6 else 0,
         ),
         yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=row_labels(result), title=None),
