@@ -38,7 +38,7 @@ import torch
 from .api import MAX_TOP_K, resolve_target
 from .errors import BadModelFile, BadPrompt, UnsupportedModel
 from .lens import LensResult, build_result
-from .llama_cpp_ggml import GGML_TYPE_F32, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
+from .llama_cpp_ggml import GGML_TYPE_F32, NAME_OFFSET, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
 from .models import ModelSource, read_gguf, resolve, split_parts
 
 BACKEND = "llama-cpp"
@@ -214,13 +214,13 @@ class _Capture:
 
     def __call__(self, address: int, ask: bool, _user_data) -> bool:
         try:
-            view = TensorView(address)
-            row = self.wanted.get(view.t.name)
+            # Asked for every node of the graph (~1000 a decode): read just the name, cheaply.
+            row = self.wanted.get(ctypes.string_at(address + NAME_OFFSET))
             if ask:
                 self.nodes_asked += 1
                 return row is not None
             if row is not None:
-                self._read(view, row)
+                self._read(TensorView(address), row)
             return True
         except BaseException as exc:  # an exception must not cross into C; stop the decode instead
             self.error = exc
@@ -400,12 +400,9 @@ class LlamaCppTracer:
 
     # -- llama.cpp
 
-    def _context(self, n_tokens: int):
-        """The lens's own context on the shared model, big enough for `n_tokens` (re-made when too small)."""
-        C = self._C
-        if self._ctx is not None and self._ctx_tokens >= n_tokens:
-            return self._ctx
-        self.close()
+    def context_params(self, n_tokens: int):
+        """llama.cpp context parameters for a lens context of at least `n_tokens` (no callback yet):
+        chat's own settings (threads, attention kernels), one sequence, a cache sized to the trace."""
         size = max(256, 1 << max(0, n_tokens - 1).bit_length())
         size = min(size, max(self.context_length, n_tokens))
         params = type(self.llama.context_params).from_buffer_copy(self.llama.context_params)
@@ -414,11 +411,20 @@ class LlamaCppTracer:
         params.n_seq_max = 1
         params.embeddings = False
         params.swa_full = False  # one sequence from its start: the sliding window is enough
+        return params
+
+    def _context(self, n_tokens: int):
+        """The lens's own context on the shared model, big enough for `n_tokens` (re-made when too small)."""
+        C = self._C
+        if self._ctx is not None and self._ctx_tokens >= n_tokens:
+            return self._ctx
+        self.close()
+        params = self.context_params(n_tokens)
         params.cb_eval = self._callback
         params.cb_eval_user_data = None
         ctx = C.llama_init_from_model(self._model, params)
         if not ctx:
-            raise UnsupportedModel(f"llama.cpp could not create a context of {size} tokens for the lens.")
+            raise UnsupportedModel(f"llama.cpp could not create a context of {params.n_ctx} tokens for the lens.")
         self._ctx, self._ctx_tokens = ctx, int(C.llama_n_ctx(ctx))
         self._batch = C.llama_batch_init(params.n_ubatch, 0, 1)
         return ctx

@@ -51,6 +51,7 @@ GGMLTensor._fields_ = [
     ("padding", ctypes.c_char * 8),
 ]
 TensorP = ctypes.POINTER(GGMLTensor)
+NAME_OFFSET = GGMLTensor.name.offset  # bytes from a tensor's address to its NUL-terminated name
 
 
 class GGMLInitParams(ctypes.Structure):
