@@ -448,6 +448,8 @@ def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.E
         if stopped():
             job.finish_reason = "cancelled"
             return
+        if shared.closed:
+            raise LensbenchError("The model was unloaded while this message waited; send it again.")
         chunks = shared.llama.create_chat_completion(stream=True, **request)
         for chunk in chunks:
             if stopped():

@@ -42,6 +42,7 @@ class SharedLlama:
     load_seconds: float = 0.0
     chat_formatter: object | None = None  # renders messages with the model's chat template
     chat_template: bool = False  # False: the GGUF has none and a generic ChatML format is used
+    closed: bool = False  # set by `release` (under the lock): `llama` must not be used any more
 
     @property
     def n_ctx(self) -> int:
@@ -160,6 +161,7 @@ def release(path: str | Path) -> bool:
     if shared is None:
         return False
     with shared.lock:
+        shared.closed = True
         shared.llama.close()
     return True
 

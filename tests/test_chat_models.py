@@ -12,8 +12,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from chat.engine import chat, load, model_facts, stream_chat
-from chat.shared import loaded, shared_llama
-from tracing.errors import BadModelFile, ModelNotFound, NotEnoughMemory, UnsupportedModel
+from chat.shared import loaded, release, shared_llama
+from tracing.errors import BadModelFile, LensbenchError, ModelNotFound, NotEnoughMemory, UnsupportedModel
 from tracing.models import bundled_gguf
 
 GERMANY = [{"role": "user", "content": "What is the capital of Germany?"}]
@@ -258,3 +258,17 @@ def test_bad_model_gets_one_line_message_and_the_loaded_model_keeps_working(make
     assert Path(str(path)).resolve() not in loaded()
     assert load(None) is before
     assert "Berlin" in chat(None, GERMANY, temperature=0, seed=1)
+
+
+def test_release_frees_the_file_and_a_waiting_request_gets_a_message(tmp_path):
+    path = tmp_path / "released.gguf"
+    path.write_bytes(bundled_gguf().read_bytes())
+    shared = load(str(path))
+    with shared.lock:  # a request queues behind this holder, which then releases the model
+        stream = stream_chat(str(path), GERMANY, temperature=0, seed=1)
+        assert release(str(path))
+    with pytest.raises(LensbenchError, match="unloaded"):
+        "".join(stream)
+    assert path.resolve() not in loaded()
+    assert "Berlin" in chat(str(path), GERMANY, temperature=0, seed=1)  # loads again on demand
+    assert load(str(path)) is not shared
