@@ -303,3 +303,22 @@ def test_cli_backend_switch():
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
     assert data["backend"] == "llama-cpp" and data["topk"][-1][0][0]["token"] == " Berlin"
+
+
+def test_the_lens_follows_chat_when_it_releases_and_reloads_the_model(tmp_path):
+    import shutil
+
+    from chat.shared import release
+
+    path = tmp_path / "smol.gguf"
+    shutil.copy(bundled_gguf(), path)
+    first = tracing.open_tracer(str(path), "llama-cpp")
+    before = tracing.trace_with(first, PROMPTS[0], last_only=True)
+    assert release(path)
+    with pytest.raises(UnsupportedModel, match="was unloaded"):
+        tracing.trace_with(first, PROMPTS[0], last_only=True)
+    second = tracing.open_tracer(str(path), "llama-cpp")
+    assert second is not first and second.model_loaded()
+    after = tracing.trace_with(second, PROMPTS[0], last_only=True)
+    np.testing.assert_array_equal(after.topk_ids, before.topk_ids)
+    release(path)

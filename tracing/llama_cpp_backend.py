@@ -345,6 +345,7 @@ class LlamaCppTracer:
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """llama.cpp's tokenizer; special tokens written in the text (e.g. "<|im_end|>") are parsed as such."""
+        self._check_loaded()
         data = text.encode("utf-8")
         size = len(data) + 8
         for _ in range(2):
@@ -357,6 +358,7 @@ class LlamaCppTracer:
 
     def piece(self, token_id: int) -> bytes:
         """The bytes of one token, special tokens written out."""
+        self._check_loaded()
         size = 64
         for _ in range(2):
             buffer = ctypes.create_string_buffer(size)
@@ -376,6 +378,7 @@ class LlamaCppTracer:
         """
         from llama_cpp import llama_chat_format
 
+        self._check_loaded()
         llama = self.llama
         handler = (
             llama.chat_handler
@@ -429,11 +432,21 @@ class LlamaCppTracer:
         self._batch = C.llama_batch_init(params.n_ubatch, 0, 1)
         return ctx
 
+    def model_loaded(self) -> bool:
+        """False once chat has released (freed) the model this lens runs on."""
+        return getattr(getattr(self.llama, "_model", None), "model", None) is not None
+
+    def _check_loaded(self) -> None:
+        # The vocabulary and the model are freed with chat's Llama: touching them would crash.
+        if not self.model_loaded():
+            raise UnsupportedModel(f"'{self.model_name}' was unloaded; open the llama.cpp lens again to reload it.")
+
     def close(self) -> None:
         """Free the lens's context (the model stays with chat)."""
         if self._ctx is not None:
             self._C.llama_batch_free(self._batch)
-            self._C.llama_free(self._ctx)
+            if self.model_loaded():  # a context must not outlive its model; if it did, leak it
+                self._C.llama_free(self._ctx)
             self._ctx, self._batch, self._ctx_tokens = None, None, 0
 
     def __del__(self):
@@ -444,6 +457,7 @@ class LlamaCppTracer:
 
     def _run(self, ids: list[int], traced: np.ndarray) -> np.ndarray:
         C = self._C
+        self._check_loaded()
         if len(ids) > self.context_length:
             raise BadPrompt(
                 f"The text is {len(ids)} tokens, longer than this model's context of {self.context_length} tokens."
