@@ -141,6 +141,9 @@ def test_trace_reply_traces_the_reply_after_the_chat_template(smollm2_llama_cpp)
     assert before.positions == list(range(n_prompt - 1, len(result.tokens) - 1))
     assert [cell[0] for cell in before.topk_tokens[-1]] == result.tokens[n_prompt:]
     np.testing.assert_array_equal(before.topk_ids[:, 1:, 0], result.topk_ids[:, :-1, 0])
+    # The conversation may be passed with the reply at its end.
+    whole = trace_reply(None, QUESTION + [{"role": "assistant", "content": reply}], reply, top_k=1)
+    assert whole.positions == result.positions and whole.token_ids == result.token_ids
 
 
 def test_trace_reply_on_gemma_uses_llama_cpps_chat_format(gemma3_llama_cpp, gemma3_gguf):

@@ -619,7 +619,8 @@ def trace_reply(
     """The lens over an assistant's reply, as the model read it after the chat-templated conversation.
 
     messages: the conversation before the reply ([{"role": ..., "content": ...}, ...]), templated
-    exactly as chat does it (the GGUF's template), ending with the assistant's turn.
+    exactly as chat does it (the GGUF's template, then the opening of the assistant's turn); a
+    last assistant message equal to `reply` is taken as the reply itself.
     reply: the reply's text (or its token ids). Only the reply's positions are traced:
     `result.positions` index the reply's tokens in `result.tokens` (which hold the whole
     templated conversation), each column showing what the model predicts after that token.
@@ -627,11 +628,14 @@ def trace_reply(
     prompt token, then all reply tokens but the last), so column j shows how reply token j formed.
     """
     _check_settings(top_k, temperature)
+    messages = list(messages)
+    if messages and messages[-1].get("role") == "assistant" and messages[-1].get("content") == reply:
+        messages = messages[:-1]  # the conversation was passed with its reply: the reply is what we trace
     if not messages:
         raise BadPrompt("The conversation is empty: there is no reply to trace.")
     tracer = open_tracer(model)
     started = time.perf_counter()
-    prompt_ids = tracer.chat_prompt_ids(list(messages))
+    prompt_ids = tracer.chat_prompt_ids(messages)
     if isinstance(reply, str):
         reply_ids = tracer.tokenize(reply, add_special=False) if reply.strip() else []
     else:
