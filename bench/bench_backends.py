@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_backends.py [--model M] [--threads 1] [--repeats 15]
     .venv/bin/python bench/bench_backends.py --train-text FILE [--train-steps 8]   # also train a tuned lens
+    .venv/bin/python bench/bench_backends.py --lens DIR    # also time a tuned lens trained before
 
 Medians (interleaved, so load from other processes hits all alike) of:
   floor               a forward pass plus ONE batched matmul of all (layers+1) x positions residual
@@ -9,7 +10,7 @@ Medians (interleaved, so load from other processes hits all alike) of:
   hooks               tracing.trace_with on the PyTorch-hooks backend (every position, target included)
   transformer-lens    the same through TransformerLens's TransformerBridge
   tuned-lens          the same through tuned-lens's LogitLens
-  tuned-lens-tuned    the same with a trained tuned lens (when --train-text trains one)
+  tuned-lens-tuned    the same with a trained tuned lens (when --train-text trains one, or --lens DIR)
   tuned-lens's own    tuned-lens's PredictionTrajectory.from_lens_and_model with the same LogitLens (for
                       reference: what using its own pipeline would cost; it computes no top-k or KL)
 Each as a ratio to the floor (target: every backend <= 2x, hooks the fastest), plus the largest
@@ -53,7 +54,7 @@ def train(loaded, text_file: Path, steps: int, out: Path) -> dict:
     }
 
 
-def run(model, threads: int, repeats: int, text_file: Path | None, steps: int) -> dict:
+def run(model, threads: int, repeats: int, text_file: Path | None, steps: int, lens: Path | None = None) -> dict:
     import numpy as np
     import torch
     from tuned_lens.plotting import PredictionTrajectory
@@ -68,7 +69,9 @@ def run(model, threads: int, repeats: int, text_file: Path | None, steps: int) -
     if text_file:
         out = Path(tempfile.mkdtemp(prefix="lensbench-lens-"))
         results.update(train(loaded, text_file, steps, out))
-        tracers["tuned-lens-tuned"] = tracing.open_tracer(model, "tuned-lens-tuned", device="cpu", lens=str(out))
+        lens = out
+    if lens:
+        tracers["tuned-lens-tuned"] = tracing.open_tracer(model, "tuned-lens-tuned", device="cpu", lens=str(lens))
 
     ids = loaded.encode(PROMPT)
     input_ids = torch.tensor([ids])
@@ -112,9 +115,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--train-text", type=Path, default=None, help="train a tuned lens on this text first")
     parser.add_argument("--train-steps", type=int, default=8)
+    parser.add_argument("--lens", type=Path, default=None, help="time this trained lens (a tuned-lens folder) too")
     args = parser.parse_args()
     start = time.perf_counter()
-    result = run(args.model, args.threads, args.repeats, args.train_text, args.train_steps)
+    result = run(args.model, args.threads, args.repeats, args.train_text, args.train_steps, args.lens)
     print(f"{result['model']}, {result['tokens']} tokens, {result['rows']} rows, {args.threads} thread(s), "
           f"median of {args.repeats}")
     for name, ms in result["ms"].items():
