@@ -175,23 +175,32 @@ class LensApp:
 
     # ---------------------------------------------------------------- Lens tab
 
-    def _lens_outputs(self, traced: Traced, metric: str, column: int = -1) -> tuple:
+    def _lens_outputs(self, traced: Traced, metric: str, column: int = -1):
+        """The Lens tab's outputs in two steps: the heatmap and summary first (what people wait for),
+        then the chart, the position picker, the table and the downloads."""
         result, labels = traced.result, traced.labels
-        heatmap = plots.heatmap(result, metric, labels)
-        chart = plots.target_chart([(result.backend, result)], column)
-        choices = tables.position_choices(result, labels)
         col = column % len(result.positions)
-        table = tables.topk_table(result, col, labels)
+        heatmap = plots.heatmap(result, metric, labels)
         summary = tables.summary(result, col, labels)
-        json_path, csv_path = tables.write_downloads(result)
         frozen = Traced(result, labels.frozen())  # the visitor's state keeps labels, not the model
-        return (frozen, heatmap, chart, gr.update(choices=choices, value=col), table, summary, json_path, csv_path)
+        later = gr.update()
+        yield (frozen, heatmap, later, later, later, summary, later, later)
+        chart = plots.target_chart([(result.backend, result)], col)
+        choices = tables.position_choices(result, labels)
+        table = tables.topk_table(result, col, labels)
+        json_path, csv_path = tables.write_downloads(result)
+        yield (frozen, later, chart, gr.update(choices=choices, value=col), table, later, json_path, csv_path)
 
     @user_errors
-    def lens(self, prompt, model, backend, top_k, temperature, target, metric, progress=gr.Progress()):
-        """Trace `prompt` on `model` with `backend`: heatmap, target chart, top-k table, summary, downloads."""
+    def lens_steps(self, prompt, model, backend, top_k, temperature, target, metric, progress=gr.Progress()):
+        """What the Trace button runs: `lens`, showing the heatmap as soon as it is ready."""
         traced = self._trace(model, backend, prompt, target, top_k, temperature, progress)
-        return self._lens_outputs(traced, metric or plots.DEFAULT_METRIC)
+        yield from self._lens_outputs(traced, metric or plots.DEFAULT_METRIC)
+
+    def lens(self, prompt, model, backend, top_k, temperature, target, metric, progress=gr.Progress()):
+        """Trace `prompt` on `model` with `backend`: state, heatmap, target chart, position picker,
+        top-k table, summary, JSON and CSV downloads."""
+        return _merged(self.lens_steps(prompt, model, backend, top_k, temperature, target, metric, progress))
 
     @user_errors
     def redraw(self, traced: Traced | None, metric, column):
@@ -328,8 +337,21 @@ class LensApp:
         result = trace_reply(entry.name, context, messages[-1]["content"], top_k=self._check_top_k(top_k),
                              temperature=1.0 if temperature is None else float(temperature))
         lookup = byte_lookup(tracing.open_tracer(entry.name, "llama-cpp"))
-        outputs = self._lens_outputs(Traced(result, TokenLabels(lookup)), metric or plots.DEFAULT_METRIC)
+        outputs = _merged(self._lens_outputs(Traced(result, TokenLabels(lookup)), metric or plots.DEFAULT_METRIC))
         return (gr.update(selected="lens"), gr.update(value=entry.name), gr.update(value="llama-cpp"), *outputs)
+
+
+def _merged(steps) -> tuple:
+    """The outputs of a function that yields in steps, as one tuple: each output's last value
+    (a step leaves an output alone with a bare `gr.update()`)."""
+    merged: list = []
+    for step in steps:
+        merged = list(step) if not merged else [old if _unchanged(new) else new for old, new in zip(merged, step)]
+    return tuple(merged)
+
+
+def _unchanged(value) -> bool:
+    return type(value) is dict and value == {"__type__": "update"}
 
 
 def _facts_markdown(facts) -> str:
@@ -390,6 +412,7 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                                                     elem_id="lens-temperature")
                         metric = gr.Radio(metrics, value=plots.DEFAULT_METRIC, label="Colour by")
                         trace_button = gr.Button("Trace", variant="primary", elem_id="lens-trace")
+                        api_only = gr.Button("lens", visible=False)
                         examples = gr.Examples(LENS_EXAMPLES, [prompt, target], label="Examples (click to run)")
                     with gr.Column(scale=3):
                         summary = gr.Markdown(label="Summary", elem_id="lens-summary")
@@ -460,9 +483,14 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
         # ---------------------------------------------------------------- wiring
         lens_inputs = [prompt, model, backend, top_k, temperature, target, metric]
         lens_outputs = [traced, heatmap, chart, position, table, summary, json_file, csv_file]
-        trace_button.click(app.lens, lens_inputs, lens_outputs, api_name="lens", **heavy)
-        prompt.submit(app.lens, lens_inputs, lens_outputs, api_visibility="private", **heavy)
-        examples.load_input_event.then(app.lens, lens_inputs, lens_outputs, api_visibility="private", **heavy)
+        run_lens = dict(show_progress_on=[heatmap], **heavy)
+        trace_button.click(app.lens_steps, lens_inputs, lens_outputs, api_visibility="private", **run_lens)
+        # The same as one call with every output in its answer, for gradio_client and "Use via API"
+        # (the button streams: heatmap first, the rest just after).
+        api_only.click(app.lens, lens_inputs, lens_outputs, api_name="lens", **heavy)
+        prompt.submit(app.lens_steps, lens_inputs, lens_outputs, api_visibility="private", **run_lens)
+        examples.load_input_event.then(app.lens_steps, lens_inputs, lens_outputs, api_visibility="private",
+                                       **run_lens)
         redraw = dict(inputs=[traced, metric, position], outputs=[heatmap, chart, table, summary],
                       api_visibility="private", concurrency_limit=None, show_progress="hidden")
         metric.input(app.redraw, **redraw)
