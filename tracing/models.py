@@ -225,8 +225,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFacts:
             reader = GGUFReader(part, "r")
         except Exception as exc:
             raise BadModelFile(
-                f"'{part.name}' is a damaged or incomplete GGUF file ({type(exc).__name__}: {exc}). "
-                "Download it again."
+                f"'{part.name}' is a damaged or incomplete GGUF file: its header or data is cut short "
+                f"or corrupt, so it cannot be read. Download it again. (Detail: {exc})"
             ) from None
         if part == parts[0]:
             for key, fld in reader.fields.items():
