@@ -27,6 +27,7 @@ def lens_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=None, help="a token to follow through the layers, e.g. ' Berlin'")
     parser.add_argument("--last-only", action="store_true", help="trace only the last position (long prompts)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--lens", default=None, help="with --backend tuned-lens-tuned: a tuned lens folder (config.json + params.pt)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     return parser
 
@@ -35,6 +36,11 @@ def run_lens(argv: list[str]) -> int:
     args = lens_parser().parse_args(argv)
     from .api import trace
 
+    options = {"lens": args.lens} if args.lens else {}
+    if args.lens and args.backend != "tuned-lens-tuned":
+        from .errors import UnsupportedModel
+
+        raise UnsupportedModel("--lens needs --backend tuned-lens-tuned.")
     result = trace(
         args.prompt,
         model=args.model,
@@ -44,6 +50,7 @@ def run_lens(argv: list[str]) -> int:
         target=args.target,
         last_only=args.last_only,
         device=args.device,
+        **options,
     )
     if args.json:
         json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
