@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep loaded PyTorch models within this much memory, e.g. 8GB (default: half of RAM)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests of each kind (lens, chat) that run at once; models are shared and locked")
+    p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the default model for the lens in the background at start (default: on Spaces)")
     browser = p.add_mutually_exclusive_group()
     browser.add_argument("--browser", dest="browser", action="store_true", default=None, help="open a browser tab")
     browser.add_argument("--no-browser", dest="browser", action="store_false", help="do not open a browser tab")
@@ -59,6 +61,22 @@ def install_nodeps_on_spaces() -> None:
                         str(ROOT / "requirements-nodeps.txt")], check=True)
 
 
+def preload(model: str | None) -> None:
+    """Load `model` for the lens in the background, so the first visitor does not wait for it
+    (the bundled GGUF's first conversion to PyTorch takes ~20 s; later starts read the cache)."""
+    import threading
+
+    def work() -> None:
+        import tracing
+
+        try:
+            tracing.open_tracer(model, "hooks")
+        except tracing.LensbenchError as exc:
+            print(f"preload: {exc}", file=sys.stderr)
+
+    threading.Thread(target=work, name="preload", daemon=True).start()
+
+
 def auth_pair(text: str | None) -> tuple[str, str] | None:
     if not text:
         return None
@@ -79,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     install_nodeps_on_spaces()
 
     from ui.app import Settings, launch
+
+    if args.preload or (args.preload is None and on_spaces()):
+        preload(args.model)
 
     settings = Settings.for_launch(public, allow_custom_models=args.allow_any_model or None,
                                   default_model=args.model, concurrency=args.concurrency)

@@ -148,6 +148,14 @@ def test_chat_streams_an_answer(page):
     user = page.locator("#chat-history").inner_text()
     assert "Tell me about Berlin" in user
 
+    # "Trace this reply": the Lens tab opens on the reply, traced on the same GGUF through llama.cpp.
+    if "llama-cpp" in BACKENDS:
+        page.locator("#chat-trace").click()
+        text = wait_for_summary(page, "backend llama-cpp")
+        assert page.get_by_role("tab", name="Lens").get_attribute("aria-selected") == "true"
+        assert re.search(r"\d+ traced", text)
+        page.locator("#lens-heatmap .heatmap-label").first.wait_for()
+
 
 def test_an_error_is_a_message_and_the_page_keeps_working(page):
     page.locator("#lens-target textarea").fill("Berlin")  # two tokens for this model

