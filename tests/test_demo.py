@@ -268,6 +268,18 @@ def test_compare_tab_puts_both_trajectories_on_one_chart(app):
                                                          "hooks", 5, 1.0, "entropy"))
 
 
+def test_tokens_that_look_like_html_show_as_text(berlin):
+    from copy import deepcopy
+    from dataclasses import replace
+
+    result = berlin["traced"].result
+    tokens = deepcopy(result.topk_tokens)
+    tokens[-1][-1][0] = "<br>"
+    fig = plots.heatmap(replace(result, topk_tokens=tokens), "entropy", TokenLabels())
+    assert fig.data[0].text[-1][-1] == "&lt;br&gt;"  # plotly shows the entity as "<br>", no line break
+    assert "1. &lt;br&gt;  79.6%" in fig.data[0].hovertext[-1][-1]
+
+
 def test_relative_depth_lines_up_models_of_different_depth(berlin):
     from dataclasses import replace
 

@@ -474,6 +474,10 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                                                     elem_id="compare-temperature")
                     c_metric = gr.Radio(metrics, value=plots.DEFAULT_METRIC, label="Colour by")
                 compare_button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                compare_examples = gr.Examples(
+                    compare_examples_for(catalog, default_model), [c_prompt, c_target, model_a, backend_a, model_b, backend_b],
+                    label="Comparisons (click to run)",
+                ) if compare_examples_for(catalog, default_model) else None
                 c_summary = gr.Markdown(label="Summary", elem_id="compare-summary")
                 c_chart = gr.Plot(label="Target across depth, both sides")
                 with gr.Row():
@@ -517,11 +521,12 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
         trace_reply.click(app.trace_reply, [chatbot, chat_model, system, top_k, temperature, metric],
                           [tabs, model, backend, *lens_outputs], api_name="trace_reply", **heavy)
 
-        compare_button.click(
-            app.compare,
-            [c_prompt, c_target, model_a, backend_a, model_b, backend_b, c_top_k, c_temperature, c_metric],
-            [c_summary, c_chart, c_map_a, c_map_b], api_name="compare", **heavy,
-        )
+        compare_inputs = [c_prompt, c_target, model_a, backend_a, model_b, backend_b, c_top_k, c_temperature, c_metric]
+        compare_outputs = [c_summary, c_chart, c_map_a, c_map_b]
+        compare_button.click(app.compare, compare_inputs, compare_outputs, api_name="compare", **heavy)
+        if compare_examples is not None:
+            compare_examples.load_input_event.then(app.compare, compare_inputs, compare_outputs,
+                                                   api_visibility="private", **heavy)
         # On each page load: the models in models/ now (a file added after start shows up on reload).
         demo.load(app.refresh_models, [model, chat_model, model_a, model_b], [model, chat_model, model_a, model_b],
                   api_visibility="private", concurrency_limit=None)
@@ -538,6 +543,19 @@ def launch(settings: Settings | None = None, *, block: bool = True, **launch_opt
     options.update(launch_options)
     _, url, _ = demo.launch(prevent_thread_lock=not block, **options)
     return demo, app, url
+
+
+def compare_examples_for(catalog: Catalog, default_model: str | None) -> list[list]:
+    """Ready comparisons among what this app has: PyTorch vs the GGUF itself, logit vs tuned lens
+    (once a lens is trained), and the default model vs each other listed model."""
+    if default_model is None:
+        return []
+    prompt, target = LENS_EXAMPLES[0]
+    usable = lambda name, backend: catalog.backend_problem(name, backend) is None  # noqa: E731
+    pairs = [(default_model, "hooks", default_model, "llama-cpp"),
+             (default_model, "tuned-lens", default_model, "tuned-lens-tuned")]
+    pairs += [(default_model, "hooks", name, "hooks") for name in catalog.names() if name != default_model]
+    return [[prompt, target, a, ab, b, bb] for a, ab, b, bb in pairs if usable(a, ab) and usable(b, bb)][:6]
 
 
 def _second_choice(catalog: Catalog, names, default_model, backend_default, reasons) -> tuple[str, str]:

@@ -70,7 +70,12 @@ def row_labels(result: LensResult) -> list[str]:
 
 def column_labels(result: LensResult, labels: TokenLabels) -> list[str]:
     """Each traced position as "index: token" (the cell predicts the token after it)."""
-    return [f"{p}: {labels(result.tokens[p], result.token_ids[p])}" for p in result.positions]
+    return [f"{p}: {_html(labels(result.tokens[p], result.token_ids[p]))}" for p in result.positions]
+
+
+def _html(text: str) -> str:
+    """Plotly reads labels as a little HTML (<b>, <br>): a token such as "<br>" must show as text."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _short(text: str) -> str:
@@ -94,14 +99,14 @@ def hover_texts(result: LensResult, labels: TokenLabels) -> list[list[str]]:
                 f"entropy {result.entropy[r, c]:.2f} nats · KL to final {result.kl_to_final[r, c]:.2f}",
             ]
             if result.target is not None:
-                token = labels(result.target.token)
+                token = _html(labels(result.target.token))
                 parts.append(
                     f"target {token}: {_pct(float(result.target.prob[r, c]))}, rank {int(result.target.rank[r, c])}"
                 )
             for i, (text, tid, p) in enumerate(
                 zip(result.topk_tokens[r][c], result.topk_ids[r, c], result.topk_probs[r, c]), 1
             ):
-                parts.append(f"{i}. {labels(text, int(tid))}  {_pct(float(p))}")
+                parts.append(f"{i}. {_html(labels(text, int(tid)))}  {_pct(float(p))}")
             line.append("<br>".join(parts))
         out.append(line)
     return out
@@ -116,7 +121,7 @@ def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabel
     spec = METRICS[metric]
     z = metric_values(result, metric)
     cell_text = [
-        [_short(labels(result.topk_tokens[r][c][0], int(result.topk_ids[r, c, 0]))) for c in range(z.shape[1])]
+        [_html(_short(labels(result.topk_tokens[r][c][0], int(result.topk_ids[r, c, 0])))) for c in range(z.shape[1])]
         for r in range(z.shape[0])
     ]
     colorbar = dict(title=dict(text=spec.title, side="right"))
@@ -151,9 +156,10 @@ def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabel
             ygap=1,
         )
     )
-    target = f" · target {labels(result.target.token)}" if result.target is not None else ""
+    target = f" · target {_html(labels(result.target.token))}" if result.target is not None else ""
     fig.update_layout(
-        title=dict(text=title or f"{result.model} · {result.backend}{target} · colour: {spec.title}", font=dict(size=14)),
+        title=dict(text=_html(title) if title else f"{_html(result.model)} · {result.backend}{target} · colour: {spec.title}",
+                   font=dict(size=14)),
         xaxis=dict(
             tickmode="array", tickvals=ticks, ticktext=[column_labels(result, labels)[c] for c in ticks],
             title="input position (each cell: the predicted next token)", tickangle=-40 if n_cols > 6 else 0,
@@ -193,7 +199,8 @@ def target_chart(results: list[tuple[str, LensResult]], position: int = -1) -> g
         prob = result.target.prob[:, col]
         rank = result.target.rank[:, col]
         custom = [[layer, int(k)] for layer, k in zip(row_labels(result), rank)]
-        token = labels(result.target.token)
+        token = _html(labels(result.target.token))
+        name = _html(name)
         color = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"][i % 4]
         fig.add_trace(go.Scatter(
             x=x, y=prob, mode="lines+markers", name=f"{name}: p({token})", line=dict(color=color),
@@ -205,9 +212,9 @@ def target_chart(results: list[tuple[str, LensResult]], position: int = -1) -> g
         ))
     first = with_target[0][1]
     col = position % len(first.positions)
-    after = labels(first.tokens[first.positions[col]], first.token_ids[first.positions[col]])
+    after = _html(labels(first.tokens[first.positions[col]], first.token_ids[first.positions[col]]))
     fig.update_layout(
-        title=dict(text=f"target {labels(first.target.token)} after {after}: probability and rank by layer",
+        title=dict(text=f"target {_html(labels(first.target.token))} after {after}: probability and rank by layer",
                    font=dict(size=14)),
         xaxis=dict(title="fraction of depth (0 = embeddings, 1 = output)" if relative else "layer (0 = embeddings)"),
         yaxis=dict(title="probability", tickformat=".0%", range=[0, 1.02]),
