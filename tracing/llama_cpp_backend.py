@@ -60,11 +60,13 @@ LOGIT_SCALE: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 # The lens on the last block must reproduce llama.cpp's own logits this closely (relative to their
 # scale). It matches to the last bit on the CPU; a GPU build's matmul rounds differently.
 _PROBE_TOLERANCE = 1e-3
-# Tokens per llama.cpp decode, and logits requested per decode: llama.cpp keeps a logits buffer
-# of (requested outputs x vocabulary) floats, so a decode asks for at most ~16 MB of them (16
-# positions of Gemma's 262k vocabulary); a long trace takes several decodes.
-_UBATCH = 512
-_OUTPUT_BYTES_PER_DECODE = 16 * 2**20
+# Tokens per llama.cpp decode, and logits requested per decode. llama.cpp's compute buffers grow
+# with tokens per decode, and its logits buffer with (requested outputs x vocabulary) floats; the
+# lens keeps both small (a trace is not throughput-bound on them), so a decode takes at most
+# 128 tokens and asks for at most ~8 MB of logits (8 positions of Gemma's 262k
+# vocabulary, 42 of SmolLM2's 49k); a long trace takes several decodes.
+_UBATCH = 128
+_OUTPUT_BYTES_PER_DECODE = 8 * 2**20
 
 
 # ---------------------------------------------------------------- the head: final norm + unembedding

@@ -94,10 +94,15 @@ class _GGML:
     """The bound functions, loaded once per process."""
 
     def __init__(self) -> None:
-        base, cpu = _library("ggml-base"), _library("ggml-cpu")
+        try:
+            base, cpu = _library("ggml-base"), _library("ggml-cpu")
+        except (OSError, FileNotFoundError, RuntimeError) as exc:
+            raise UnsupportedModel(
+                "The llama.cpp lens needs the ggml libraries bundled with llama-cpp-python "
+                f"(libggml-base, libggml-cpu), and this installation lacks them ({exc})."
+            ) from None
         p, sz, i64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
         self.tensor_get = _bind(base, "ggml_backend_tensor_get", None, TensorP, p, sz, sz)
-        self.nbytes = _bind(base, "ggml_nbytes", sz, TensorP)
         self.op_name = _bind(base, "ggml_op_name", ctypes.c_char_p, ctypes.c_int)
         self.type_name = _bind(base, "ggml_type_name", ctypes.c_char_p, ctypes.c_int)
         self.tensor_overhead = _bind(base, "ggml_tensor_overhead", sz)
