@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import threading
-import time
 
 import gradio as gr
 import numpy as np
@@ -314,14 +312,12 @@ def test_chat_streams_into_the_history(app):
 
 def test_stop_ends_the_answer(app):
     stream = app.chat("Write a long story about a dragon.", [], DEFAULT_MODEL_NAME, "", 0.8, 0.95, 400, 3)
-    next(stream)
-    next(stream)
-    started = time.perf_counter()
-    threading.Timer(0.3, app.stop).start()
-    updates = list(stream)
-    assert time.perf_counter() - started < 5
-    answer = updates[-1][0][-1]["content"]
-    assert 0 < len(answer) < 400 * 3  # far fewer than 400 tokens: it stopped
+    for _ in range(6):  # the question, then five pieces of the answer
+        history, _ = next(stream)
+    app.stop()  # what the Stop button runs (for this visitor's session)
+    after = list(stream)
+    assert len(after) <= 2, len(after)  # at most the token in flight, not the rest of 400
+    assert history[-1]["content"]
 
 
 def test_chat_model_facts(app):
