@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModel
+from .loading import LoadedModelTracer, load_model
 
 # Logit post-processing that a causal LM's forward applies after its unembedding: config
 # attribute -> how it changes the logits. Data, not code paths: adding one is adding a line.
@@ -245,27 +246,17 @@ class HooksLens:
             return self.parts.project(hidden)
 
 
-class HooksTracer:
+class HooksTracer(LoadedModelTracer):
     """The `Tracer` of the hooks backend (see tracing.api)."""
 
     backend = "hooks"
 
     def __init__(self, loaded):
-        self.loaded = loaded
-        probe = torch.tensor([loaded.encode("The lens")[:3] or [0]], device=loaded.device)
-        self.lens = HooksLens(loaded.model, probe)
-        self.model_name = loaded.name
-        self.context_length = loaded.context_length
-        self.encode = loaded.encode
-        self.encode_target = loaded.encode_target
-        self.decode_one = loaded.decode_one
-
-    def lock(self):
-        return self.loaded.lock
+        super().__init__(loaded)
+        self.lens = HooksLens(loaded.model, self.probe_ids())
 
     def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
-        input_ids = torch.tensor([ids], device=self.loaded.device)
-        hidden, _ = self.lens.residuals(input_ids, last_only)
+        hidden, _ = self.lens.residuals(self.input_ids(ids), last_only)
         return hidden, ["logit"] * (hidden.shape[0] - 1)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -274,7 +265,6 @@ class HooksTracer:
 
 def open_tracer(model=None, device=None, **load_options) -> HooksTracer:
     """Load `model` (see tracing.models.resolve) and its hooks lens, both reused on later calls."""
-    from .loading import load_model
 
     loaded = load_model(model, device=device, **load_options)
     return loaded.adapter("hooks", HooksTracer)

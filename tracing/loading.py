@@ -69,6 +69,31 @@ class LoadedModel:
             return self.adapters[name]
 
 
+class LoadedModelTracer:
+    """Base of the `Tracer`s that run on a transformers model: tokenization, context and the
+    model's lock come from the shared `LoadedModel`; subclasses add residuals() and project()."""
+
+    backend = ""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model_name = loaded.name
+        self.context_length = loaded.context_length
+        self.encode = loaded.encode
+        self.encode_target = loaded.encode_target
+        self.decode_one = loaded.decode_one
+
+    def lock(self):
+        return self.loaded.lock
+
+    def input_ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], device=self.loaded.device)
+
+    def probe_ids(self) -> torch.Tensor:
+        """A few real tokens for the one probe forward a backend makes to find its way around."""
+        return self.input_ids(self.loaded.encode("The lens")[:3] or [0])
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LENSBENCH_CACHE", CACHE_DIR))
 

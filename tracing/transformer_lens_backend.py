@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModel
+from .loading import LoadedModelTracer, load_model
 
 # Multimodal wrappers whose text model TransformerLens bridges on its own: class -> attribute.
 # (Bridging Llama 4's multimodal class itself fails inside transformers' forward on text.)
@@ -160,27 +161,17 @@ class TransformerLensLens:
         return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
-class TransformerLensTracer:
+class TransformerLensTracer(LoadedModelTracer):
     """The `Tracer` of the TransformerLens backend (see tracing.api)."""
 
     backend = "transformer-lens"
 
     def __init__(self, loaded):
-        self.loaded = loaded
-        probe = torch.tensor([loaded.encode("The lens")[:3] or [0]], device=loaded.device)
-        self.lens = TransformerLensLens(loaded.model, probe, name=loaded.name)
-        self.model_name = loaded.name
-        self.context_length = loaded.context_length
-        self.encode = loaded.encode
-        self.encode_target = loaded.encode_target
-        self.decode_one = loaded.decode_one
-
-    def lock(self):
-        return self.loaded.lock
+        super().__init__(loaded)
+        self.lens = TransformerLensLens(loaded.model, self.probe_ids(), name=loaded.name)
 
     def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
-        input_ids = torch.tensor([ids], device=self.loaded.device)
-        hidden, _ = self.lens.residuals(input_ids, last_only)
+        hidden, _ = self.lens.residuals(self.input_ids(ids), last_only)
         return hidden, ["logit"] * (hidden.shape[0] - 1)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -189,7 +180,5 @@ class TransformerLensTracer:
 
 def open_tracer(model=None, device=None, **load_options) -> TransformerLensTracer:
     """Load `model` (see tracing.models.resolve), shared with the other backends, and bridge it once."""
-    from .loading import load_model
-
     loaded = load_model(model, device=device, **load_options)
     return loaded.adapter("transformer-lens", TransformerLensTracer)

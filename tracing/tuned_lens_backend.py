@@ -45,6 +45,7 @@ from tuned_lens.nn import LogitLens, TunedLens, TunedLensConfig, Unembed
 
 from .errors import BadModelFile, ModelNotFound
 from .hooks import HooksTracer, LensParts
+from .loading import LoadedModelTracer
 
 LENS_FILES = ("config.json", "params.pt")
 
@@ -138,27 +139,18 @@ def default_lens_dir(source) -> Path:
     return cache_dir() / "lenses" / re.sub(r"[^\w.-]+", "--", name)
 
 
-class TunedLensTracer:
+class TunedLensTracer(LoadedModelTracer):
     """The `Tracer` of the tuned-lens backends (see tracing.api): a tuned-lens `Lens` on the residuals."""
 
     def __init__(self, loaded, lens: LogitLens | TunedLens, backend: str):
-        self.loaded = loaded
+        super().__init__(loaded)
         self.hooks = loaded.adapter("hooks", HooksTracer)  # the residual capture, shared
         self.lens = lens.eval()
         self.tuned = isinstance(lens, TunedLens)
         self.backend = backend
-        self.model_name = loaded.name
-        self.context_length = loaded.context_length
-        self.encode = loaded.encode
-        self.encode_target = loaded.encode_target
-        self.decode_one = loaded.decode_one
-
-    def lock(self):
-        return self.loaded.lock
 
     def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
-        input_ids = torch.tensor([ids], device=self.loaded.device)
-        hidden, _ = self.hooks.lens.residuals(input_ids, last_only)
+        hidden, _ = self.hooks.lens.residuals(self.input_ids(ids), last_only)
         n = hidden.shape[0] - 1
         if not self.tuned:
             return hidden, ["logit"] * n
