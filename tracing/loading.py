@@ -260,9 +260,10 @@ def _load_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = source.kind == "hf"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         config = AutoConfig.from_pretrained(
-            source.location, local_files_only=local, trust_remote_code=trust_remote_code
+            source.location, local_files_only=local or offline, trust_remote_code=trust_remote_code
         )
     except Exception as exc:
         if local:
