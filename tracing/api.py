@@ -107,8 +107,15 @@ def trace_with(
     target: str | None = None,
     last_only: bool = False,
     ids: list[int] | None = None,
+    positions: list[int] | None = None,
+    info: dict | None = None,
 ) -> LensResult:
-    """Trace `prompt` (or ready token `ids`) with an opened tracer."""
+    """Trace `prompt` (or ready token `ids`) with an opened tracer.
+
+    positions: trace only these positions (for tracers whose `residuals` take `positions=`, as
+    the llama.cpp one does for a chat reply); default all, or the last with `last_only`.
+    info: facts to keep in `result.info`.
+    """
     if not 1 <= int(top_k) <= MAX_TOP_K:
         raise BadPrompt(f"top-k must be between 1 and {MAX_TOP_K} (got {top_k}).")
     if not temperature or temperature <= 0:
@@ -128,8 +135,11 @@ def trace_with(
     start = time.perf_counter()
     with tracer.lock():
         try:
-            hidden, kinds = tracer.residuals(ids, last_only)
-            positions = [len(ids) - 1] if last_only else list(range(len(ids)))
+            if positions is None:
+                hidden, kinds = tracer.residuals(ids, last_only)
+                positions = [len(ids) - 1] if last_only else list(range(len(ids)))
+            else:
+                hidden, kinds = tracer.residuals(ids, False, positions=positions)
             result = build_result(
                 hidden,
                 tracer.project,
@@ -142,6 +152,7 @@ def trace_with(
                 top_k=int(top_k),
                 temperature=float(temperature),
                 target=target_pair,
+                info=info,
             )
         except torch.OutOfMemoryError:
             from .errors import NotEnoughMemory

@@ -35,9 +35,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .api import MAX_TOP_K, resolve_target
+from .api import trace_with
 from .errors import BadModelFile, BadPrompt, UnsupportedModel
-from .lens import LensResult, build_result
+from .lens import LensResult
 from .llama_cpp_ggml import GGML_TYPE_F32, NAME_OFFSET, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
 from .models import ModelSource, read_gguf, resolve, split_parts
 
@@ -601,13 +601,6 @@ def open_tracer(model=None, device=None, **options) -> LlamaCppTracer:
         return tracer
 
 
-def _check_settings(top_k: int, temperature: float) -> None:
-    if not 1 <= int(top_k) <= MAX_TOP_K:
-        raise BadPrompt(f"top-k must be between 1 and {MAX_TOP_K} (got {top_k}).")
-    if not temperature or temperature <= 0:
-        raise BadPrompt(f"The temperature must be above 0 (got {temperature}).")
-
-
 def trace_reply(
     model,
     messages: list[dict],
@@ -629,14 +622,12 @@ def trace_reply(
     predicting_reply: instead trace the positions that predict each reply token (the last
     prompt token, then all reply tokens but the last), so column j shows how reply token j formed.
     """
-    _check_settings(top_k, temperature)
     messages = list(messages)
     if messages and messages[-1].get("role") == "assistant" and messages[-1].get("content") == reply:
         messages = messages[:-1]  # the conversation was passed with its reply: the reply is what we trace
     if not messages:
         raise BadPrompt("The conversation is empty: there is no reply to trace.")
     tracer = open_tracer(model)
-    started = time.perf_counter()
     prompt_ids = tracer.chat_prompt_ids(messages)
     if isinstance(reply, str):
         reply_ids = tracer.tokenize(reply, add_special=False) if reply.strip() else []
@@ -644,33 +635,17 @@ def trace_reply(
         reply_ids = [int(i) for i in reply]
     if not reply_ids:
         raise BadPrompt("The reply is empty: there is nothing to trace.")
-    ids = prompt_ids + reply_ids
-    if len(ids) > tracer.context_length:
-        raise BadPrompt(
-            f"The conversation and its reply are {len(ids)} tokens, longer than this model's context of "
-            f"{tracer.context_length} tokens."
-        )
     first = len(prompt_ids) - 1 if predicting_reply else len(prompt_ids)
-    positions = list(range(first, first + len(reply_ids)))
-    target_pair = resolve_target(tracer, target) if target else None
-    with tracer.lock():
-        hidden, kinds = tracer.residuals(ids, last_only=False, positions=positions)
-        result = build_result(
-            hidden,
-            tracer.project,
-            model=tracer.model_name,
-            backend=tracer.backend,
-            token_ids=ids,
-            positions=positions,
-            decode_one=tracer.decode_one,
-            lens_kinds=kinds,
-            top_k=int(top_k),
-            temperature=float(temperature),
-            target=target_pair,
-            info={"prompt_tokens": len(prompt_ids), "reply_tokens": len(reply_ids)},
-        )
-    result.info["seconds"] = round(time.perf_counter() - started, 4)
-    return result
+    return trace_with(
+        tracer,
+        None,
+        ids=prompt_ids + reply_ids,
+        positions=list(range(first, first + len(reply_ids))),
+        top_k=top_k,
+        temperature=temperature,
+        target=target,
+        info={"prompt_tokens": len(prompt_ids), "reply_tokens": len(reply_ids)},
+    )
 
 
 __all__ = ["LlamaCppTracer", "LensHead", "open_tracer", "read_head", "trace_reply", "BACKEND"]
