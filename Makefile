@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean-venv chromium bench-demo
 
@@ -25,7 +26,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 demo: $(STAMP)
 	$(PY) demo.py $(ARGS)
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	@touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
@@ -42,7 +47,7 @@ chromium:
 		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
-bench-demo: $(STAMP) chromium
+bench-demo: $(TEST_STAMP) chromium
 	$(PY) bench/bench_demo.py
 
 clean-venv:
