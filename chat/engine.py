@@ -226,7 +226,7 @@ class ChatStream(Iterator[str]):
         request = dict(request, messages=plan.messages, max_tokens=plan.max_tokens)
         # The worker owns the lock from start to end of generation: consumers may iterate from any
         # thread (Gradio steps generators in a thread pool), which a held RLock would not allow.
-        threading.Thread(target=_generate, args=(shared, request, self._job, self._cancel), daemon=True).start()
+        shared.worker.submit(_generate, shared, request, self._job, self._cancel)
 
     @property
     def finish_reason(self) -> str | None:
