@@ -104,3 +104,18 @@ def test_blocked_topk_equals_torch_topk(vocab):
     ref_values, ref_ids = z.topk(k, dim=-1)
     torch.testing.assert_close(values, ref_values)
     torch.testing.assert_close(ids, ref_ids)
+
+
+def test_one_matmul_when_the_vocabulary_is_known(case):
+    hidden, project, _ = case
+    calls = []
+
+    def counting(h):
+        calls.append(h.shape[0])
+        return project(h)
+
+    hinted = summarize(hidden, counting, top_k=3, target_id=2, vocab_size=50)
+    assert calls == [5]  # every row, the output row included, in one projection
+    plain = summarize(hidden, project, top_k=3, target_id=2)
+    for key in plain:
+        np.testing.assert_allclose(hinted[key], plain[key], rtol=1e-6)

@@ -38,7 +38,11 @@ class Tracer(Protocol):
         """Residual rows [N+1, positions, d] to project, and which lens made each of the first N rows."""
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Rows [r, positions, d] -> logits [r, positions, vocab]."""
+        """Rows [r, positions, d] -> logits [r, positions, vocab].
+
+        A tracer may also have `vocab_size` (the width of those logits): then every row is
+        projected in one matmul when the logits fit, instead of the output row on its own first.
+        """
 
     def lock(self):
         """A context manager serializing use of the underlying model."""
@@ -153,6 +157,7 @@ def trace_with(
                 temperature=float(temperature),
                 target=target_pair,
                 info=info,
+                vocab_size=getattr(tracer, "vocab_size", None),
             )
         except torch.OutOfMemoryError:
             from .errors import NotEnoughMemory

@@ -289,6 +289,7 @@ class LlamaCppTracer:
         self.n_blocks = int(C.llama_model_n_layer(self._model))
         self.d_model = int(C.llama_model_n_embd(self._model))
         self.n_vocab = int(C.llama_vocab_n_tokens(self._vocab))
+        self.vocab_size = self.n_vocab  # lets the lens project every row in one go (tracing.api)
         if head.vocab_size != self.n_vocab or head.unembed.cols != self.d_model:
             raise UnsupportedModel(
                 f"'{source.name}': its output matrix is [{head.vocab_size}, {head.unembed.cols}] but llama.cpp "

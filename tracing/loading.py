@@ -82,6 +82,8 @@ class LoadedModelTracer:
         self.encode = loaded.encode
         self.encode_target = loaded.encode_target
         self.decode_one = loaded.decode_one
+        unembed = loaded.model.get_output_embeddings()
+        self.vocab_size = int(unembed.weight.shape[0]) if unembed is not None else None
 
     def lock(self):
         return self.loaded.lock
