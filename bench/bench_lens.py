@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -29,20 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import interleaved_medians_ms  # noqa: E402
+
 PROMPT = "The capital of Germany is Berlin, and the capital of France is"  # 14 tokens for SmolLM2
-
-
-def interleaved_medians_ms(fns: dict, repeats: int) -> dict:
-    """Median time of each function, run round-robin so load from other processes hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def timings(threads: int, repeats: int) -> dict:

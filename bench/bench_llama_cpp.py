@@ -24,20 +24,18 @@ on-paper projection of the Scout case.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.measure import interleaved_medians_ms, resident  # noqa: E402
 
 SHORT = "The capital of Germany is Berlin, and the capital of France is"
 LONG = (
@@ -50,19 +48,6 @@ LONG = (
 )
 # Llama 4 Scout (17B active, 109B total, 16 experts): its text model's shape.
 SCOUT = {"layers": 48, "d_model": 5120, "vocab": 202048}
-
-
-def interleaved_medians_ms(fns: dict, repeats: int) -> dict:
-    """Median time of each function, run round-robin so load from other processes hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def timings(model, threads: int, repeats: int) -> dict:
@@ -139,28 +124,6 @@ def projection_throughput(threads: int, repeats: int) -> dict:
 
 
 MEMORY_CHILD = "--memory-child"
-
-
-def resident(path: str) -> int:
-    """Bytes resident: the GGUF's pages once (llama.cpp and the lens map the same file),
-    everything else by its proportional share; after gc and malloc_trim (live memory)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    gguf = other = 0
-    in_gguf = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if fields and "-" in fields[0] and not fields[0].endswith(":"):
-                in_gguf = len(fields) >= 6 and fields[-1] == path
-            elif fields[:1] == ["Rss:"] and in_gguf:
-                gguf += int(fields[1]) * 1024
-            elif fields[:1] == ["Pss:"] and not in_gguf:
-                other += int(fields[1]) * 1024
-    return min(gguf, os.path.getsize(path)) + other
 
 
 def memory_child(model) -> None:

@@ -16,6 +16,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for launching the app in a test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """The app on a free local port, in this process: (url, LensApp)."""
+    from ui.app import Settings, launch
+
+    demo, app, url = launch(Settings(), block=False, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield url, app
+    demo.close()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct, dequantized into PyTorch (cached as safetensors)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 
 from tracing.api import BACKENDS
 from tracing.models import DEFAULT_MODEL_NAME
-from ui.app import Settings, launch
 from ui.choices import backend_label
 
 CHROMIUM = "/usr/bin/chromium"
@@ -31,17 +29,9 @@ if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    demo, app, url = launch(Settings(), block=False, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url, app
-    demo.close()
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import demo as demo_cli
 import tracing
 from tracing.api import BACKENDS
 from tracing.models import DEFAULT_MODEL_NAME
-from ui import plots, tables
+from ui import plots
 from ui.app import LensApp, Settings, plain_messages
 from ui.choices import Catalog
 from ui.tokens import TokenLabels, readable, vocab_piece_bytes

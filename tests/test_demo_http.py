@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
 from gradio_client import Client
 
 from tracing.models import DEFAULT_MODEL_NAME
+from tests.conftest import free_port
 from ui.app import Settings, launch
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    demo, app, url = launch(Settings(), block=False, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url
-    demo.close()
+def server(demo_server):
+    return demo_server[0]
 
 
 @pytest.fixture(scope="module")

@@ -178,31 +178,14 @@ def test_chat_and_the_lens_share_one_model(smollm2_llama_cpp):
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import ctypes, gc, json, os, sys
+    import json, os, sys
     sys.path.insert(0, sys.argv[2])
     import torch
+    from bench.measure import resident  # the GGUF's pages once, everything else by its share
     from tracing.lens import summarize
     from tracing.llama_cpp_backend import trace_reply
     import tracing
     from chat.shared import shared_llama
-
-    def resident(path):
-        # Bytes resident for this process: the GGUF's pages once (llama.cpp and the lens map the
-        # same file), everything else by its proportional share.
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # count live memory, not what malloc keeps for later
-        gguf = other = 0
-        in_gguf = False
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                fields = line.split()
-                if fields and "-" in fields[0] and not fields[0].endswith(":"):
-                    in_gguf = len(fields) >= 6 and fields[-1] == path
-                elif fields[:1] == ["Rss:"] and in_gguf:
-                    gguf += int(fields[1]) * 1024
-                elif fields[:1] == ["Pss:"] and not in_gguf:
-                    other += int(fields[1]) * 1024
-        return min(gguf, os.path.getsize(path)) + other
 
     path = os.path.realpath(sys.argv[1])
     # Warm torch's lens math first: its code pages are the process's, not the model's.
