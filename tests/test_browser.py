@@ -26,7 +26,7 @@ SLOW = 180_000  # ms: a first model load on a busy 2-core machine
 
 if not os.path.exists(CHROMIUM) and not os.environ.get("CI"):
     pytest.skip("Debian's chromium is not installed (make chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api  # noqa: E402  (a test requirement: missing is a failure, not a skip)
 
 
 @pytest.fixture(scope="module")

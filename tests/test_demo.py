@@ -325,7 +325,6 @@ def test_chat_model_facts(app):
     assert "not one of this app's models" in app.chat_model_changed("../../etc/passwd")
 
 
-@pytest.mark.skipif("llama-cpp" not in BACKENDS, reason="the llama.cpp lens backend is not registered")
 def test_trace_this_reply_opens_the_lens_tab_on_the_reply(app):
     *_, (history, _) = app.chat("What is the capital of Germany?", [], DEFAULT_MODEL_NAME, "", 0.0, 0.95, 30, 1)
     reply = history[-1]["content"]

@@ -474,10 +474,11 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                                                     elem_id="compare-temperature")
                     c_metric = gr.Radio(metrics, value=plots.DEFAULT_METRIC, label="Colour by")
                 compare_button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                comparisons = compare_examples_for(catalog, default_model)
                 compare_examples = gr.Examples(
-                    compare_examples_for(catalog, default_model), [c_prompt, c_target, model_a, backend_a, model_b, backend_b],
+                    comparisons, [c_prompt, c_target, model_a, backend_a, model_b, backend_b],
                     label="Comparisons (click to run)",
-                ) if compare_examples_for(catalog, default_model) else None
+                ) if comparisons else None
                 c_summary = gr.Markdown(label="Summary", elem_id="compare-summary")
                 c_chart = gr.Plot(label="Target across depth, both sides")
                 with gr.Row():
