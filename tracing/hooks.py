@@ -255,16 +255,8 @@ class HooksTracer(LoadedModelTracer):
         super().__init__(loaded)
         self.lens = HooksLens(loaded.model, self.probe_ids())
 
-    def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
-        hidden, _ = self.lens.residuals(self.input_ids(ids), last_only)
-        return hidden, ["logit"] * (hidden.shape[0] - 1)
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lens.project(hidden)
-
 
 def open_tracer(model=None, device=None, **load_options) -> HooksTracer:
     """Load `model` (see tracing.models.resolve) and its hooks lens, both reused on later calls."""
-
     loaded = load_model(model, device=device, **load_options)
     return loaded.adapter("hooks", HooksTracer)

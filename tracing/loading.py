@@ -20,7 +20,7 @@ import torch
 
 from .device import default_dtype, pick_device
 from .errors import BadModelFile, LensbenchError, ModelNotFound, NotEnoughMemory, UnsupportedModel
-from .models import ModelSource, check_fits, fingerprint, human_bytes, read_gguf, resolve
+from .models import ModelSource, check_fits, fingerprint, read_gguf, resolve
 
 CACHE_DIR = Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench"))
 _COMPLETE = "lensbench-complete.json"
@@ -94,6 +94,15 @@ class LoadedModelTracer:
     def probe_ids(self) -> torch.Tensor:
         """A few real tokens for the one probe forward a backend makes to find its way around."""
         return self.input_ids(self.loaded.encode("The lens")[:3] or [0])
+
+    # With a `self.lens` that has residuals(input_ids, last_only) and project(hidden), as the hooks
+    # and TransformerLens lenses do, these complete the Tracer protocol (logit lens on every row).
+    def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
+        hidden, _ = self.lens.residuals(self.input_ids(ids), last_only)
+        return hidden, ["logit"] * (hidden.shape[0] - 1)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lens.project(hidden)
 
 
 def cache_dir() -> Path:
@@ -306,8 +315,4 @@ def _estimate_params(config) -> int:
         return 12 * getattr(text, "num_hidden_layers", 32) * d * d + 2 * getattr(text, "vocab_size", 32000) * d
 
 
-def describe_memory(loaded: LoadedModel) -> str:
-    return f"{loaded.name}: {human_bytes(loaded.weights_bytes)} of weights as {loaded.dtype} on {loaded.device}"
-
-
-__all__ = ["LoadedModel", "load_model", "MODEL_CACHE", "ModelNotFound"]
+__all__ = ["LoadedModel", "LoadedModelTracer", "load_model", "MODEL_CACHE"]

@@ -170,13 +170,6 @@ class TransformerLensTracer(LoadedModelTracer):
         super().__init__(loaded)
         self.lens = TransformerLensLens(loaded.model, self.probe_ids(), name=loaded.name)
 
-    def residuals(self, ids: list[int], last_only: bool) -> tuple[torch.Tensor, list[str]]:
-        hidden, _ = self.lens.residuals(self.input_ids(ids), last_only)
-        return hidden, ["logit"] * (hidden.shape[0] - 1)
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lens.project(hidden)
-
 
 def open_tracer(model=None, device=None, **load_options) -> TransformerLensTracer:
     """Load `model` (see tracing.models.resolve), shared with the other backends, and bridge it once."""
