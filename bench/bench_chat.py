@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import llama_cpp
 
     from chat.engine import load, model_facts, stream_chat
-    from chat.shared import llama_cpp_workarounds, llama_options
+    from runtime.llama_cpp import llama_cpp_workarounds, llama_options
 
     facts = model_facts(args.model)
     shared = load(args.model)

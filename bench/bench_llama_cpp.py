@@ -108,7 +108,7 @@ def timings(model, threads: int, repeats: int) -> dict:
 def projection_throughput(threads: int, repeats: int) -> dict:
     """Giga multiply-adds per second of ggml's matmul on Scout-wide quantized rows (random bytes:
     the kernels' speed does not depend on the values)."""
-    from tracing.llama_cpp_ggml import QuantizedMatrix, ggml
+    from runtime.ggml import QuantizedMatrix, ggml
 
     g = ggml()
     rows, n = 8192, SCOUT["layers"] + 1  # one position's rows: embeddings + 48 blocks
@@ -130,7 +130,7 @@ def memory_child(model) -> None:
     import torch
 
     import tracing
-    from chat.shared import shared_llama
+    from runtime.llama_cpp import shared_llama
     from tracing.lens import summarize
     from tracing.llama_cpp_backend import trace_reply
     from tracing.models import resolve

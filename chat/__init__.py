@@ -5,7 +5,7 @@
     for delta in stream_chat(None, [{"role": "user", "content": "Hi"}]):
         print(delta, end="")
 
-`chat.shared` holds one loaded `llama_cpp.Llama` per GGUF path, shared with the llama.cpp lens.
+`runtime.llama_cpp` holds one loaded `llama_cpp.Llama` per GGUF path, shared with the llama.cpp lens.
 Terminal: `python -m chat [--model PATH]`.
 """
 

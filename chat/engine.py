@@ -21,7 +21,7 @@ from typing import Iterator
 from tracing.errors import BadPrompt, LensbenchError, NotEnoughMemory, UnsupportedModel
 from tracing.models import DEFAULT_MODEL_NAME, GGUFFacts, available_memory, check_fits, human_bytes, human_count, resolve
 
-from .shared import SharedLlama, context_for, gguf_facts, loaded_model, memory_needed, shared_llama
+from runtime.llama_cpp import SharedLlama, context_for, gguf_facts, loaded_model, memory_needed, shared_llama
 
 ROLES = ("user", "assistant")
 
@@ -63,7 +63,7 @@ class ModelFacts:
     layers: int | None
     quantization: str  # the weight type holding the most bytes, e.g. "Q4_K"
     context_length: int | None  # what the model was trained for (tokens)
-    chat_context: int  # what chat allocates: the above, capped by chat.shared.max_context()
+    chat_context: int  # what chat allocates: the above, capped by runtime.llama_cpp.max_context()
     file_bytes: int
     files: int  # 1, or the number of parts of a split model
     memory_needed: int  # bytes, weights + KV cache + compute buffers

@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from chat.engine import chat, load, model_facts, stream_chat
-from chat.shared import loaded, release, shared_llama
+from runtime.llama_cpp import loaded, release, shared_llama
 from tracing.errors import BadModelFile, LensbenchError, ModelNotFound, NotEnoughMemory, UnsupportedModel
 from tracing.models import bundled_gguf
 

@@ -169,7 +169,7 @@ def test_trace_reply_bad_input(smollm2_llama_cpp):
 
 
 def test_chat_and_the_lens_share_one_model(smollm2_llama_cpp):
-    from chat.shared import shared_llama
+    from runtime.llama_cpp import shared_llama
 
     shared = shared_llama(bundled_gguf())
     assert smollm2_llama_cpp.llama is shared.llama and smollm2_llama_cpp.lock() is shared.lock
@@ -185,7 +185,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     from tracing.lens import summarize
     from tracing.llama_cpp_backend import trace_reply
     import tracing
-    from chat.shared import shared_llama
+    from runtime.llama_cpp import shared_llama
 
     path = os.path.realpath(sys.argv[1])
     # Warm torch's lens math first: its code pages are the process's, not the model's.
@@ -294,7 +294,7 @@ def test_cli_backend_switch():
 def test_the_lens_follows_chat_when_it_releases_and_reloads_the_model(tmp_path):
     import shutil
 
-    from chat.shared import release
+    from runtime.llama_cpp import release
 
     path = tmp_path / "smol.gguf"
     shutil.copy(bundled_gguf(), path)

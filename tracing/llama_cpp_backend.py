@@ -16,7 +16,7 @@ No dequantized copy in PyTorch, so it works on models too big for that (Llama 4 
   202k x 5k matrix, and llama.cpp's own rounding, so the last row IS llama.cpp's logits.
   Then any final logit soft-capping or scaling from the metadata.
 
-The weights are the `Llama` that chat loaded for the same file (`chat.shared.shared_llama`):
+The weights are the `Llama` that chat loaded for the same file (`runtime.llama_cpp.shared_llama`):
 the lens builds a second, small llama.cpp context on that model (its own KV cache, sized to
 the trace), so weights are never loaded twice. Every call holds the shared lock.
 
@@ -38,7 +38,7 @@ import torch
 from .api import trace_with
 from .errors import BadModelFile, BadPrompt, UnsupportedModel
 from .lens import LensResult
-from .llama_cpp_ggml import GGML_TYPE_F32, NAME_OFFSET, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
+from runtime.ggml import GGML_TYPE_F32, NAME_OFFSET, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
 from .models import ModelSource, read_gguf, resolve, split_parts
 
 BACKEND = "llama-cpp"
@@ -582,7 +582,7 @@ def open_tracer(model=None, device=None, **options) -> LlamaCppTracer:
             f"The llama.cpp backend reads GGUF files; '{source.name}' is a "
             f"{'Hugging Face model folder' if source.kind == 'hf' else 'hub id'}. Use the hooks backend for it."
         )
-    from chat.shared import shared_llama
+    from runtime.llama_cpp import shared_llama
 
     key = str(Path(source.location).resolve())
     with _TRACERS_LOCK:

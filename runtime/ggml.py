@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UnsupportedModel
+from tracing.errors import UnsupportedModel
 
 GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
