@@ -52,7 +52,8 @@ SCOUT = {"layers": 48, "d_model": 5120, "vocab": 202048}
 
 def timings(model, threads: int, repeats: int) -> dict:
     import tracing
-    from tracing.llama_cpp_backend import decode_spans
+    from runtime.llama_cpp import graph_context_params
+    from tracing.llama_cpp_backend import _UBATCH, decode_spans
 
     tracer = tracing.open_tracer(model, "llama-cpp")
     C = tracer._C
@@ -60,8 +61,8 @@ def timings(model, threads: int, repeats: int) -> dict:
     for label, prompt in (("short", SHORT), ("long", LONG)):
         ids = tracer.encode(prompt)
         with tracer.lock():
-            lens_ctx = tracer._context(len(ids))
-            plain_ctx = C.llama_init_from_model(tracer._model, tracer.context_params(len(ids)))
+            lens_ctx = tracer._context(len(ids)).ctx
+            plain_ctx = C.llama_init_from_model(tracer._model, graph_context_params(tracer.llama, len(ids), _UBATCH))
             for ctx in (lens_ctx, plain_ctx):
                 C.llama_set_n_threads(ctx, threads, threads)
         tracer.head.unembed.n_threads = threads

@@ -103,6 +103,7 @@ class _GGML:
             ) from None
         p, sz, i64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
         self.tensor_get = _bind(base, "ggml_backend_tensor_get", None, TensorP, p, sz, sz)
+        self.tensor_set = _bind(base, "ggml_backend_tensor_set", None, TensorP, p, sz, sz)
         self.op_name = _bind(base, "ggml_op_name", ctypes.c_char_p, ctypes.c_int)
         self.type_name = _bind(base, "ggml_type_name", ctypes.c_char_p, ctypes.c_int)
         self.tensor_overhead = _bind(base, "ggml_tensor_overhead", sz)
@@ -174,24 +175,48 @@ class TensorView:
         address = ctypes.cast(self.t.src[i], ctypes.c_void_p).value
         return TensorView(address) if address else None
 
-    def rows(self, first: int, count: int) -> np.ndarray:
-        """Rows [first, first + count) of a contiguous 2-D float node, as float32 [count, ne0]."""
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, width) of a 2-D node: rows = tokens of the batch (or the requested outputs), width = ne0."""
+        return int(self.t.ne[1]), int(self.t.ne[0])
+
+    def _row_layout(self) -> type:
         t = self.t
-        width = t.ne[0]
         if t.ne[2] * t.ne[3] != 1 or t.type not in (GGML_TYPE_F32, GGML_TYPE_F16):
             raise UnsupportedModel(
                 f"llama.cpp's node {self.name} is {ggml().type_name(t.type).decode()} with shape "
-                f"{list(t.ne)}; the lens reads 2-D float residuals only."
+                f"{list(t.ne)}; only 2-D float nodes (one row a token) can be read or written."
             )
         dtype = np.float32 if t.type == GGML_TYPE_F32 else np.float16
         item = np.dtype(dtype).itemsize
-        if t.nb[0] != item or t.nb[1] != width * item:
-            raise UnsupportedModel(f"llama.cpp's node {self.name} is not contiguous; the lens cannot read it.")
-        out = np.empty((count, width), dtype=dtype)
+        if t.nb[0] != item or t.nb[1] != t.ne[0] * item:
+            raise UnsupportedModel(f"llama.cpp's node {self.name} is not contiguous; it cannot be read or written.")
+        return dtype
+
+    def rows(self, first: int, count: int) -> np.ndarray:
+        """Rows [first, first + count) of a contiguous 2-D float node, as float32 [count, ne0]."""
+        dtype = self._row_layout()
+        out = np.empty((count, self.t.ne[0]), dtype=dtype)
         if count:
             # Works for host and device buffers alike (Metal, CUDA): ggml copies out.
-            ggml().tensor_get(self.ptr, out.ctypes.data, first * t.nb[1], count * t.nb[1])
+            ggml().tensor_get(self.ptr, out.ctypes.data, first * self.t.nb[1], count * self.t.nb[1])
         return out.astype(np.float32, copy=False)
+
+    def write_rows(self, first: int, values: np.ndarray) -> None:
+        """Overwrite rows [first, first + len(values)) with `values` [count, ne0] (float32).
+
+        Only inside the eval callback, once ggml has computed this node (`ask` false): every node
+        computed after it reads what is written here (ggml_backend_tensor_set; any buffer type).
+        """
+        dtype = self._row_layout()
+        values = np.ascontiguousarray(values, dtype=dtype)
+        count = values.shape[0]
+        if values.ndim != 2 or values.shape[1] != self.t.ne[0] or first < 0 or first + count > self.t.ne[1]:
+            raise ValueError(
+                f"cannot write {list(values.shape)} at row {first} of {self.name} [{self.t.ne[1]}, {self.t.ne[0]}]"
+            )
+        if count:
+            ggml().tensor_set(self.ptr, values.ctypes.data, first * self.t.nb[1], count * self.t.nb[1])
 
 
 class QuantizedMatrix:

@@ -14,12 +14,14 @@ import ctypes
 import logging
 import os
 import platform
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tracing.errors import BadModelFile, UnsupportedModel
 from tracing.models import GGUFFacts, check_fits, human_count, read_gguf
@@ -44,6 +46,7 @@ class SharedLlama:
     chat_formatter: object | None = None  # renders messages with the model's chat template
     chat_template: bool = False  # False: the GGUF has none and a generic ChatML format is used
     closed: bool = False  # set by `release` (under the lock): `llama` must not be used any more
+    graph_layout: "GraphLayout | None" = None  # its graph's node names, found by the first GraphContext
     # Chat generates on one long-lived thread per model: llama.cpp's OpenMP threads are set up
     # per calling thread, and a fresh thread per answer doubled the time to the first token.
     worker: ThreadPoolExecutor = field(
@@ -69,7 +72,8 @@ def context_for(facts: GGUFFacts, n_ctx: int | None = None) -> int:
 
 
 def memory_needed(facts: GGUFFacts, n_ctx: int) -> int:
-    """Bytes llama.cpp needs for this model: the weights, the KV cache and the compute buffers.
+    """Bytes llama.cpp needs for this model with a context of `n_ctx` tokens: the weights, the
+    KV cache and the compute buffers (the figure `shared_llama`'s memory verdict is taken on).
 
     Weights are memory-mapped, but a model only runs at speed when all of them are resident
     (on Apple Silicon, GPU and CPU share that memory), so the whole file counts.
@@ -95,7 +99,10 @@ def shared_llama(path: str | Path, n_ctx: int | None = None, *, check_memory: bo
 
     `n_ctx` (tokens) applies to the first load only; by default the model's own context, capped
     by `max_context()`. Before loading, the header is read (BadModelFile if it is not a valid GGUF)
-    and, with `check_memory`, NotEnoughMemory is raised when the model would not fit. An
+    and the memory verdict taken (`tracing.models.check_fits` on `memory_needed`, against Metal's
+    limit too, since every layer goes to the GPU): NotEnoughMemory when the model is larger than
+    this machine's memory, unless `check_memory` is False or the caller is inside
+    `tracing.models.ignoring_memory_check()`; a tight fit loads with a MemoryWarning. An
     architecture the bundled llama.cpp does not know raises UnsupportedModel.
     """
     key = str(Path(path).resolve())
@@ -105,14 +112,17 @@ def shared_llama(path: str | Path, n_ctx: int | None = None, *, check_memory: bo
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
+        from tracing.models import SMALLER_MODEL_HINT
+
         facts = gguf_facts(key)
         context = context_for(facts, n_ctx)
-        if check_memory:
-            check_fits(
-                memory_needed(facts, context),
-                f"'{Path(key).name}' ({describe_size(facts)})",
-                "Pick a smaller quantization or a smaller model, or close other programs.",
-            )
+        check_fits(
+            memory_needed(facts, context),
+            f"'{Path(key).name}' ({describe_size(facts)})",
+            SMALLER_MODEL_HINT,
+            metal=True,  # llama_options: every layer on the GPU where there is one
+            check_memory=check_memory,
+        )
         start = time.perf_counter()
         llama = _load(key, facts, context)
         formatter, has_template = _chat_formatter(llama)
@@ -311,6 +321,236 @@ def llama_cpp_workarounds():
 
 _PATCH_LOCK = threading.Lock()
 
+
+# ---------------------------------------------------------------- graph contexts: read and write nodes
+#
+# A technique (lens, patching, steering, ...) runs on a small llama.cpp context of its own on the
+# shared model, with an eval callback. ggml computes the graph up to each node the callback asks
+# for, hands it over, then goes on: a handler can read the node's rows and write rows back, and
+# every node computed afterwards sees what was written (FINDINGS: writing a node back unchanged
+# leaves the logits bit-identical; writing zeros changes them).
+
+EMBEDDINGS = "embeddings"  # the residual stream entering block 0; see `GraphContext.node_name`
+_FIRST_EMBEDDINGS_NODES = (b"embd", b"inp_embd")  # llama-graph.cpp's build_inp_embd names its result so
+# What may happen to the embeddings before the first block: scaling (Gemma, Granite), position
+# embeddings added (GPT-2), copies. Norms and anything named for a layer end the search.
+_EMBEDDINGS_OPS = {"SCALE", "ADD", "MUL", "CONT", "CPY", "DUP"}
+_LAYER_SUFFIX = re.compile(rb"-\d+$")
+
+NodeHandler = Callable[["TensorView"], None]
+
+
+def block_output(i: int) -> str:
+    """The graph node holding the residual stream after block `i` (0-based): `l_out-{i}`.
+
+    Every llama.cpp architecture names it so, dense and mixture-of-experts blocks alike (the
+    control vector, when one is set, is already added). The last block's node holds only the
+    rows whose logits were requested.
+    """
+    return f"l_out-{i}"
+
+
+class NodeCallback:
+    """llama.cpp's eval callback (`cb_eval`): hands the nodes in `handlers` to them as the graph runs.
+
+    handlers: node name (bytes, e.g. b"l_out-3") -> fn(TensorView), called once ggml has computed
+    that node, before the graph goes on; it may read rows (`TensorView.rows`) or write them
+    (`TensorView.write_rows`). Asked about every node of the graph (~1,000 a decode), the
+    callback reads only the name. An exception in a handler stops the decode and is re-raised by
+    `GraphContext.decode` (it must not cross into C).
+    """
+
+    def __init__(self) -> None:
+        from llama_cpp import llama_cpp as C
+
+        self.handlers: dict[bytes, NodeHandler] = {}
+        self.recorder: Callable[[int], None] | None = None  # sees every node's address when asked
+        self.error: BaseException | None = None
+        self.nodes_asked = 0
+        self.c_function = C.ggml_backend_sched_eval_callback(self)  # must outlive the context
+
+    def __call__(self, address: int, ask: bool, _user_data) -> bool:
+        from runtime.ggml import NAME_OFFSET, TensorView
+
+        try:
+            name = ctypes.string_at(address + NAME_OFFSET)
+            if ask:
+                self.nodes_asked += 1
+                if self.recorder is not None:
+                    self.recorder(address)
+                return name in self.handlers
+            handler = self.handlers.get(name)
+            if handler is not None:
+                handler(TensorView(address))
+            return True
+        except BaseException as exc:
+            self.error = exc
+            return False
+
+
+@dataclass
+class GraphLayout:
+    """What a model's llama.cpp graph names, found once by watching a one-token decode."""
+
+    embeddings: str  # the node entering block 0: 'embd', or its scaled form ('inp_scaled', 'inpL')
+    names: frozenset[str]  # every node name of the graph
+
+    def missing(self, names) -> list[str]:
+        return [name for name in names if name not in self.names]
+
+
+def graph_context_params(llama, n_tokens: int, ubatch: int = 128):
+    """llama.cpp context parameters for a technique's context of at least `n_tokens` (no callback yet).
+
+    Chat's own settings (threads, attention kernels), one sequence, a KV cache sized to the work
+    (a power of two, at least 256, at most the model's context), at most `ubatch` tokens a decode.
+    """
+    size = max(256, 1 << max(0, n_tokens - 1).bit_length())
+    size = min(size, max(int(llama.n_ctx()), n_tokens))
+    params = type(llama.context_params).from_buffer_copy(llama.context_params)
+    params.n_ctx = size
+    params.n_batch = params.n_ubatch = min(ubatch, size)
+    params.n_seq_max = 1
+    params.embeddings = False
+    params.swa_full = False  # one sequence from its start: the sliding window is enough
+    return params
+
+
+class GraphContext:
+    """A llama.cpp context of our own on a shared model, with read/write access to graph nodes.
+
+    Its own KV cache (sized to `n_tokens`), one sequence, `callback.handlers` choosing which nodes
+    to read or write. The weights are the shared model's: nothing is loaded twice. Hold
+    `shared.lock` while using it; `close()` frees it (the model stays loaded).
+    """
+
+    def __init__(self, shared: SharedLlama, n_tokens: int, ubatch: int = 128):
+        from llama_cpp import llama_cpp as C
+
+        self._C = C
+        self.shared = shared
+        self.callback = NodeCallback()
+        params = graph_context_params(shared.llama, n_tokens, ubatch)
+        params.cb_eval = self.callback.c_function
+        params.cb_eval_user_data = None
+        self.model = shared.llama.model
+        ctx = C.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise UnsupportedModel(f"llama.cpp could not create a context of {params.n_ctx} tokens for tracing.")
+        self.ctx = ctx
+        self.n_ctx = int(C.llama_n_ctx(ctx))
+        self.n_ubatch = int(C.llama_n_ubatch(ctx))
+        self.n_vocab = int(C.llama_vocab_n_tokens(C.llama_model_get_vocab(self.model)))
+        self._batch = C.llama_batch_init(self.n_ubatch, 0, 1)
+
+    @property
+    def alive(self) -> bool:
+        return self.ctx is not None and not self.shared.closed
+
+    def clear(self) -> None:
+        """Forget every position (the KV cache); the next decode starts a new text."""
+        self._C.llama_memory_clear(self._C.llama_get_memory(self.ctx), True)
+
+    def decode(self, ids, start: int, outputs) -> None:
+        """Run `ids` (at most `n_ubatch` tokens) at positions start, start + 1, ...; `outputs[i]`:
+        whether llama.cpp computes logits (and keeps the last block's rows) for token i.
+
+        Raises what a node handler raised, or UnsupportedModel when llama.cpp fails.
+        """
+        C, batch = self._C, self._batch
+        n = len(ids)
+        if not 0 < n <= self.n_ubatch:
+            raise ValueError(f"a decode takes 1 to {self.n_ubatch} tokens, not {n}")
+        for i in range(n):
+            batch.token[i] = int(ids[i])
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = bool(outputs[i])
+        batch.n_tokens = n
+        self.callback.error = None
+        status = C.llama_decode(self.ctx, batch)
+        if self.callback.error is not None:
+            error, self.callback.error = self.callback.error, None
+            raise error
+        if status != 0:
+            raise UnsupportedModel(f"llama.cpp failed to evaluate the text (llama_decode returned {status}).")
+
+    def logits(self, i: int):
+        """llama.cpp's logits for output row `i` of the last decode (a view: copy it to keep it)."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self._C.llama_get_logits_ith(self.ctx, int(i)), shape=(self.n_vocab,))
+
+    def layout(self) -> GraphLayout:
+        """The graph's node names and its embeddings node (watched once per model file, then remembered)."""
+        if self.shared.graph_layout is None:
+            self.shared.graph_layout = self._watch_layout()
+        return self.shared.graph_layout
+
+    def node_name(self, node: str) -> bytes:
+        """The graph's name for `node`: EMBEDDINGS, or a name as llama.cpp writes it (e.g. 'l_out-3')."""
+        return (self.layout().embeddings if node == EMBEDDINGS else node).encode()
+
+    def _watch_layout(self) -> GraphLayout:
+        from runtime.ggml import GGML_MAX_SRC, TensorView
+
+        names: set[str] = set()
+        chain: set[int] = set()  # addresses: the embeddings and what the graph does to them before block 0
+        found: list[str] = []
+        closed = [False]
+
+        def record(address: int) -> None:
+            view = TensorView(address)
+            raw = view.t.name
+            names.add(raw.decode("utf-8", "replace"))
+            if closed[0]:
+                return
+            if not chain:
+                if raw in _FIRST_EMBEDDINGS_NODES:
+                    chain.add(address)
+                    found.append(raw.decode())
+                return
+            if _LAYER_SUFFIX.search(raw):  # the first block has begun
+                closed[0] = True
+                return
+            sources = [ctypes.cast(view.t.src[i], ctypes.c_void_p).value for i in range(GGML_MAX_SRC)]
+            if raw and view.op in _EMBEDDINGS_OPS and any(s in chain for s in sources if s):
+                chain.add(address)
+                found.append(raw.decode())
+
+        callback = self.callback
+        saved, callback.handlers = callback.handlers, {}
+        callback.recorder = record
+        try:
+            bos = self._C.llama_vocab_bos(self._C.llama_model_get_vocab(self.model))
+            self.clear()
+            self.decode([bos if bos >= 0 else 0], 0, [True])
+        finally:
+            callback.recorder, callback.handlers = None, saved
+            self.clear()
+        if not found:
+            raise UnsupportedModel(
+                f"llama.cpp's graph for '{self.shared.path.name}' has no input-embeddings node ('embd'), "
+                "so the residual stream entering the first block cannot be read."
+            )
+        return GraphLayout(embeddings=found[-1], names=frozenset(names))
+
+    def close(self) -> None:
+        """Free the context (the model stays with its owner). A context must not outlive its model: if
+        the model was already released, the context is leaked rather than freed."""
+        if self.ctx is not None:
+            self._C.llama_batch_free(self._batch)
+            if not self.shared.closed:
+                self._C.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
 __all__ = [
     "SharedLlama",
     "shared_llama",
@@ -323,4 +563,10 @@ __all__ = [
     "max_context",
     "llama_options",
     "llama_cpp_workarounds",
+    "EMBEDDINGS",
+    "block_output",
+    "NodeCallback",
+    "GraphLayout",
+    "GraphContext",
+    "graph_context_params",
 ]

@@ -3,21 +3,21 @@
 No dequantized copy in PyTorch, so it works on models too big for that (Llama 4 Scout on a
 64 GB Mac). Two pieces:
 
-- Capture: llama.cpp calls an eval callback (`cb_eval`, a context parameter the high-level
-  `Llama` ignores) for every node of its compute graph. We answer "yes" only for the residual
-  stream: the input of the first block (found by walking from the node `attn_norm-0` down to
-  its norm's input, so Gemma's scaled embeddings are read as they are) and `l_out-{i}`, the
-  output of block i, named so for dense and MoE layers alike. Rows are copied as llama.cpp
-  computes them. The last block's `l_out` holds only the rows whose logits were requested, so
-  exactly the traced positions are requested.
+- Capture: the runtime's eval callback (`runtime.llama_cpp.GraphContext`) hands over the
+  residual stream as llama.cpp computes it: the graph's input-embeddings node (`embd`, or the
+  form the architecture gives it before the first block: Gemma's `inp_scaled`, GPT-2's `inpL`
+  with position embeddings), found from the graph's own structure once per model, and
+  `l_out-{i}`, the output of block i, named so for dense, MoE, pre- and post-norm blocks alike.
+  The last block's `l_out` holds only the rows whose logits were requested, so exactly the
+  traced positions are requested.
 - Projection: the final norm (`output_norm`, with the GGUF's epsilon; Gemma's stored weight
   already includes its +1) and the unembedding (`output.weight`, or `token_embd.weight` when
   tied) multiplied by ggml in its quantized form (`QuantizedMatrix`): no float copy of a
   202k x 5k matrix, and llama.cpp's own rounding, so the last row IS llama.cpp's logits.
   Then any final logit soft-capping or scaling from the metadata.
 
-The weights are the `Llama` that chat loaded for the same file (`runtime.llama_cpp.shared_llama`):
-the lens builds a second, small llama.cpp context on that model (its own KV cache, sized to
+The weights are the one loaded model per file that chat also uses (`runtime.llama_cpp.shared_llama`):
+the lens runs on a second, small llama.cpp context on that model (its own KV cache, sized to
 the trace), so weights are never loaded twice. Every call holds the shared lock.
 
 All lens math (softmax, top-k, entropy, KL, target) is `tracing.lens`, as for every backend.
@@ -38,7 +38,8 @@ import torch
 from .api import trace_with
 from .errors import BadModelFile, BadPrompt, UnsupportedModel
 from .lens import LensResult
-from runtime.ggml import GGML_TYPE_F32, NAME_OFFSET, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
+from runtime.ggml import GGML_TYPE_F32, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
+from runtime.llama_cpp import EMBEDDINGS, GraphContext, block_output, shared_llama
 from .models import ModelSource, read_gguf, resolve, split_parts
 
 BACKEND = "llama-cpp"
@@ -191,50 +192,40 @@ def read_head(path: Path, n_threads: int = 1) -> LensHead:
 
 
 class _Capture:
-    """What the eval callback fills during one trace: rows [n_blocks + 1, positions, d]."""
+    """Node handlers filling, during one trace, the residual stream rows [n_blocks + 1, positions, d].
+
+    Row 0 is the graph's embeddings node (what enters block 0, scaled where the architecture
+    scales it), row i + 1 is `l_out-{i}`. Rows are copied as llama.cpp computes them.
+    """
 
     def __init__(self, n_blocks: int, d_model: int):
         self.n_blocks = n_blocks
         self.d_model = d_model
-        self.first_block_norm = b"attn_norm-0"
-        self.wanted = {f"l_out-{i}".encode(): i + 1 for i in range(n_blocks)}
-        self.wanted[self.first_block_norm] = 0
         self.hidden = np.zeros((0, 0, 0), np.float32)
-        self.error: BaseException | None = None
         self.seen: np.ndarray = np.zeros(0, bool)
-        self.nodes_asked = 0
+        self.local, self.column, self.n_tokens = np.zeros(0, np.int64), 0, 0
+
+    def handlers(self, graph: GraphContext) -> dict[bytes, Callable]:
+        """name -> handler for the graph's embeddings node and every block output."""
+        nodes = [EMBEDDINGS] + [block_output(i) for i in range(self.n_blocks)]
+        return {graph.node_name(node): self._reader(row) for row, node in enumerate(nodes)}
+
+    def _reader(self, row: int) -> Callable:
+        return lambda view: self._read(view, row)
 
     def start(self, n_positions: int) -> None:
         self.hidden = np.empty((self.n_blocks + 1, n_positions, self.d_model), np.float32)
         self.seen = np.zeros((self.n_blocks + 1, n_positions), bool)
-        self.error = None
-        self.nodes_asked = 0
 
     def chunk(self, local: np.ndarray, column: int, n_tokens: int) -> None:
         """The next decode: `local` = indices (within its tokens) of the traced positions, written from `column`."""
         self.local, self.column, self.n_tokens = local, column, n_tokens
 
-    def __call__(self, address: int, ask: bool, _user_data) -> bool:
-        try:
-            # Asked for every node of the graph (~1000 a decode): read just the name, cheaply.
-            row = self.wanted.get(ctypes.string_at(address + NAME_OFFSET))
-            if ask:
-                self.nodes_asked += 1
-                return row is not None
-            if row is not None:
-                self._read(TensorView(address), row)
-            return True
-        except BaseException as exc:  # an exception must not cross into C; stop the decode instead
-            self.error = exc
-            return False
-
     def _read(self, view: TensorView, row: int) -> None:
         count = len(self.local)
-        if row == 0:
-            view = _block_input(view)
-        if view.t.ne[0] != self.d_model:
-            raise UnsupportedModel(f"llama.cpp's {view.name} has width {view.t.ne[0]}, expected {self.d_model}.")
-        n_rows = view.t.ne[1]
+        n_rows, width = view.shape
+        if width != self.d_model:
+            raise UnsupportedModel(f"llama.cpp's {view.name} has width {width}, expected {self.d_model}.")
         if n_rows == self.n_tokens:  # every token of this batch: keep the traced ones
             if count:
                 first, last = int(self.local[0]), int(self.local[-1])
@@ -248,22 +239,6 @@ class _Capture:
                 f"with {count} traced; the lens does not know how to read it."
             )
         self.seen[row, self.column : self.column + count] = True
-
-
-def _block_input(norm_output: TensorView) -> TensorView:
-    """The tensor the first block's norm reads: the residual stream entering block 0."""
-    node = norm_output
-    for _ in range(4):  # attn_norm = [add(] mul( norm(x), w ) [, b)]
-        if node.op in ("RMS_NORM", "NORM"):
-            source = node.src(0)
-            if source is not None:
-                return source
-        node = node.src(0)
-        if node is None:
-            break
-    raise UnsupportedModel(
-        "Could not find the input of llama.cpp's first block (the node 'attn_norm-0' is not a norm of it)."
-    )
 
 
 # ---------------------------------------------------------------- the tracer
@@ -296,11 +271,7 @@ class LlamaCppTracer:
                 f"runs a vocabulary of {self.n_vocab} and width {self.d_model}."
             )
         self._capture = _Capture(self.n_blocks, self.d_model)
-        # ctypes callbacks must outlive the context that calls them.
-        self._callback = C.ggml_backend_sched_eval_callback(self._capture)
-        self._ctx = None
-        self._ctx_tokens = 0
-        self._batch = None
+        self._graph: GraphContext | None = None
         self._max_outputs = max(1, _OUTPUT_BYTES_PER_DECODE // (4 * self.n_vocab))
         self._pieces: dict[int, str] = {}
         self.logits: np.ndarray | None = None  # llama.cpp's own logits at the last traced position
@@ -406,38 +377,29 @@ class LlamaCppTracer:
 
     # -- llama.cpp
 
-    def context_params(self, n_tokens: int):
-        """llama.cpp context parameters for a lens context of at least `n_tokens` (no callback yet):
-        chat's own settings (threads, attention kernels), one sequence, a cache sized to the trace."""
-        size = max(256, 1 << max(0, n_tokens - 1).bit_length())
-        size = min(size, max(self.context_length, n_tokens))
-        params = type(self.llama.context_params).from_buffer_copy(self.llama.context_params)
-        params.n_ctx = size
-        params.n_batch = params.n_ubatch = min(_UBATCH, size)
-        params.n_seq_max = 1
-        params.embeddings = False
-        params.swa_full = False  # one sequence from its start: the sliding window is enough
-        return params
-
-    def _context(self, n_tokens: int):
+    def _context(self, n_tokens: int) -> GraphContext:
         """The lens's own context on the shared model, big enough for `n_tokens` (re-made when too small)."""
-        C = self._C
-        if self._ctx is not None and self._ctx_tokens >= n_tokens:
-            return self._ctx
+        graph = self._graph
+        if graph is not None and graph.alive and graph.n_ctx >= n_tokens:
+            return graph
         self.close()
-        params = self.context_params(n_tokens)
-        params.cb_eval = self._callback
-        params.cb_eval_user_data = None
-        ctx = C.llama_init_from_model(self._model, params)
-        if not ctx:
-            raise UnsupportedModel(f"llama.cpp could not create a context of {params.n_ctx} tokens for the lens.")
-        self._ctx, self._ctx_tokens = ctx, int(C.llama_n_ctx(ctx))
-        self._batch = C.llama_batch_init(params.n_ubatch, 0, 1)
-        return ctx
+        graph = GraphContext(self.shared, n_tokens, _UBATCH)
+        layout = graph.layout()
+        missing = layout.missing(block_output(i) for i in range(self.n_blocks))
+        if missing:
+            graph.close()
+            raise UnsupportedModel(
+                f"llama.cpp's graph for '{self.model_name}' ({self.head.architecture}) has no node "
+                f"'{missing[0]}'{f' (and {len(missing) - 1} more block outputs)' if len(missing) > 1 else ''}: "
+                "its blocks do not end in a residual stream the lens can read (recurrent or hybrid models)."
+            )
+        graph.callback.handlers = self._capture.handlers(graph)
+        self._graph = graph
+        return graph
 
     def model_loaded(self) -> bool:
         """False once chat has released (freed) the model this lens runs on."""
-        return getattr(getattr(self.llama, "_model", None), "model", None) is not None
+        return not self.shared.closed and getattr(getattr(self.llama, "_model", None), "model", None) is not None
 
     def _check_loaded(self) -> None:
         # The vocabulary and the model are freed with chat's Llama: touching them would crash.
@@ -446,11 +408,9 @@ class LlamaCppTracer:
 
     def close(self) -> None:
         """Free the lens's context (the model stays with chat)."""
-        if self._ctx is not None:
-            self._C.llama_batch_free(self._batch)
-            if self.model_loaded():  # a context must not outlive its model; if it did, leak it
-                self._C.llama_free(self._ctx)
-            self._ctx, self._batch, self._ctx_tokens = None, None, 0
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
 
     def __del__(self):
         try:
@@ -459,50 +419,37 @@ class LlamaCppTracer:
             pass
 
     def _run(self, ids: list[int], traced: np.ndarray) -> np.ndarray:
-        C = self._C
         self._check_loaded()
         if len(ids) > self.context_length:
             raise BadPrompt(
                 f"The text is {len(ids)} tokens, longer than this model's context of {self.context_length} tokens."
             )
-        ctx = self._context(len(ids))
-        C.llama_memory_clear(C.llama_get_memory(ctx), True)
+        graph = self._context(len(ids))
+        graph.clear()
         capture = self._capture
         capture.start(len(traced))
-        batch = self._batch
-        ubatch = int(C.llama_n_ubatch(ctx))
         is_traced = np.zeros(len(ids), bool)
         is_traced[traced] = True
         logits = np.empty((len(traced), self.n_vocab), np.float32) if self.keep_all_logits else None
         column = 0
+        asked_before = graph.callback.nodes_asked
         started = time.perf_counter()
-        for start, end in decode_spans(is_traced, ubatch, self._max_outputs):
+        for start, end in decode_spans(is_traced, graph.n_ubatch, self._max_outputs):
             local = np.flatnonzero(is_traced[start:end])
-            for i in range(end - start):
-                batch.token[i] = ids[start + i]
-                batch.pos[i] = start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = bool(is_traced[start + i])
-            batch.n_tokens = end - start
             capture.chunk(local, column, end - start)
-            status = C.llama_decode(ctx, batch)
-            if capture.error is not None:
-                error, capture.error = capture.error, None
-                raise error
-            if status != 0:
-                raise UnsupportedModel(f"llama.cpp failed to evaluate the text (llama_decode returned {status}).")
+            graph.decode(ids[start:end], start, is_traced[start:end])
             for j in range(len(local)):
-                if logits is not None or column + j == len(traced) - 1:
-                    row = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, int(local[j])), shape=(self.n_vocab,))
-                    if logits is not None:
-                        logits[column + j] = row
-                    else:
-                        self.logits = row.copy()
+                if logits is not None:
+                    logits[column + j] = graph.logits(int(local[j]))
+                elif column + j == len(traced) - 1:
+                    self.logits = graph.logits(int(local[j])).copy()
             column += len(local)
         if logits is not None:
             self.logits = logits
-        self.timings = {"decode_seconds": time.perf_counter() - started, "nodes_asked": capture.nodes_asked}
+        self.timings = {
+            "decode_seconds": time.perf_counter() - started,
+            "nodes_asked": graph.callback.nodes_asked - asked_before,
+        }
         if not capture.seen.all():
             missing = sorted({int(r) for r in np.flatnonzero(~capture.seen.all(axis=1))})
             raise UnsupportedModel(
@@ -582,8 +529,6 @@ def open_tracer(model=None, device=None, **options) -> LlamaCppTracer:
             f"The llama.cpp backend reads GGUF files; '{source.name}' is a "
             f"{'Hugging Face model folder' if source.kind == 'hf' else 'hub id'}. Use the hooks backend for it."
         )
-    from runtime.llama_cpp import shared_llama
-
     key = str(Path(source.location).resolve())
     with _TRACERS_LOCK:
         tracer = _TRACERS.get(key)
