@@ -25,11 +25,16 @@ def chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="a fixed seed makes answers reproducible")
     parser.add_argument("--context", type=int, default=None, help="context length in tokens (default: the model's own, capped at 4096)")
     parser.add_argument("--facts", action="store_true", help="print what the model is and whether it fits, then exit (no load)")
+    parser.add_argument("--ignore-memory-check", action="store_true",
+                        help="load the model even if it looks bigger than this machine's memory")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = chat_parser().parse_args(argv)
+    from tracing.models import print_memory_warnings
+
+    print_memory_warnings()  # a tight fit: one "warning: ..." line
     try:
         return _run(args)
     except LensbenchError as exc:
@@ -47,11 +52,12 @@ def _run(args) -> int:
     print(facts.summary, file=sys.stderr)
     if args.facts:
         return 0
-    if not facts.fits:
+    check_memory = not args.ignore_memory_check
+    if facts.memory is not None and facts.memory.refuse and check_memory:
         load(args.model, args.context)  # refused before loading: raises NotEnoughMemory with the numbers
-    print("Loading…", file=sys.stderr, end="", flush=True)
-    shared = load(args.model, args.context)
-    print(f" ready in {shared.load_seconds:.1f} s (context {shared.n_ctx:,} tokens). {HELP}", file=sys.stderr)
+    print("Loading…", file=sys.stderr, flush=True)  # a memory warning, if any, comes on the next line
+    shared = load(args.model, args.context, check_memory=check_memory)
+    print(f"Ready in {shared.load_seconds:.1f} s (context {shared.n_ctx:,} tokens). {HELP}", file=sys.stderr)
 
     interactive = sys.stdin.isatty()
     system, history = args.system, []

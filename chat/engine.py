@@ -18,10 +18,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tracing.errors import BadPrompt, LensbenchError, NotEnoughMemory, UnsupportedModel
-from tracing.models import DEFAULT_MODEL_NAME, GGUFFacts, available_memory, check_fits, human_bytes, human_count, resolve
+from tracing.errors import BadPrompt, LensbenchError, UnsupportedModel
+from tracing.models import (
+    DEFAULT_MODEL_NAME,
+    SMALLER_MODEL_HINT,
+    GGUFFacts,
+    MemoryVerdict,
+    human_bytes,
+    human_count,
+    memory_verdict,
+    resolve,
+)
 
-from runtime.llama_cpp import SharedLlama, context_for, gguf_facts, loaded_model, memory_needed, shared_llama
+from runtime.llama_cpp import (
+    SharedLlama,
+    context_for,
+    describe_size,
+    gguf_facts,
+    loaded_model,
+    memory_needed,
+    shared_llama,
+)
 
 ROLES = ("user", "assistant")
 
@@ -68,10 +85,11 @@ class ModelFacts:
     files: int  # 1, or the number of parts of a split model
     memory_needed: int  # bytes, weights + KV cache + compute buffers
     memory_free: int  # bytes available now
-    fits: bool  # False: loading it is refused with NotEnoughMemory
+    fits: bool  # loads without a memory warning (or is loaded already); see `memory` for the verdict
     loaded: bool  # already in memory in this process
     chat_template: bool  # the GGUF carries a chat template
     summary: str  # one line for a person, ending with the memory verdict
+    memory: MemoryVerdict | None = None  # the verdict a load gets ("fits", "warning", "refuse"); None once loaded
 
 
 def model_facts(model: str | None = None) -> ModelFacts:
@@ -79,18 +97,19 @@ def model_facts(model: str | None = None) -> ModelFacts:
 
     `model` is anything `tracing.models.resolve` takes (None: the bundled SmolLM2). Reads only the
     header (seconds, even for a 60 GB model). Raises ModelNotFound / BadModelFile for a missing
-    or damaged file and UnsupportedModel for a source that is not a GGUF file.
+    or damaged file and UnsupportedModel for a source that is not a GGUF file. The memory verdict
+    (`memory`) is the one `load` acts on: the same figures, the same rule, the same message.
     """
     path, display = _gguf_path(model)
     shared = loaded_model(path)
     facts = shared.facts if shared and shared.facts else gguf_facts(path)
     context = shared.n_ctx if shared else context_for(facts)
-    needed, free = memory_needed(facts, context), available_memory()
-    try:
-        check_fits(needed, path.name)  # the same verdict a load gets
-        fits = True
-    except NotEnoughMemory:
-        fits = shared is not None
+    needed = memory_needed(facts, context)
+    # As `runtime.llama_cpp.shared_llama` takes it (every layer on the GPU: Metal's limit applies).
+    verdict = None if shared else memory_verdict(
+        needed, f"'{path.name}' ({describe_size(facts)})", metal=True, hint=SMALLER_MODEL_HINT
+    )
+    fits = shared is not None or verdict.fits
     family = _family(facts)
     active = _active_parameters(facts)
     used = _meta(facts, "expert_used_count")
@@ -100,16 +119,10 @@ def model_facts(model: str | None = None) -> ModelFacts:
     active_text = f" ({human_count(active)} active)" if active else ""
     files = f" in {facts.n_files} files" if facts.n_files > 1 else ""
     trained = f"{facts.context_length:,}" if facts.context_length else "unknown"
-    if shared is not None:
-        verdict = "Loaded."
-    elif fits:
-        verdict = f"Fits: needs about {human_bytes(needed)}, {human_bytes(free)} free."
-    else:
-        verdict = f"Does not fit: needs about {human_bytes(needed)}, only {human_bytes(free)} free."
     summary = (
         f"{name} — {family} ({facts.architecture}){moe}, {human_count(facts.n_params)} parameters{active_text}, "
         f"{facts.n_layers} layers, {facts.quantization}, context {trained} tokens (chat uses {context:,}), "
-        f"{human_bytes(facts.file_bytes)}{files}. {verdict}"
+        f"{human_bytes(facts.file_bytes)}{files}. {'Loaded.' if verdict is None else verdict.short()}"
     )
     return ModelFacts(
         name=name,
@@ -127,11 +140,12 @@ def model_facts(model: str | None = None) -> ModelFacts:
         file_bytes=facts.file_bytes,
         files=facts.n_files,
         memory_needed=needed,
-        memory_free=free,
+        memory_free=verdict.available if verdict else 0,
         fits=fits,
         loaded=shared is not None,
         chat_template=bool(facts.metadata.get("tokenizer.chat_template")),
         summary=summary,
+        memory=verdict,
     )
 
 
@@ -164,15 +178,17 @@ def _gguf_path(model: str | None) -> tuple[Path, str]:
     return source.path.resolve(), source.name
 
 
-def load(model: str | None = None, context_length: int | None = None) -> SharedLlama:
+def load(model: str | None = None, context_length: int | None = None, *, check_memory: bool = True) -> SharedLlama:
     """Load `model` for chat (or return it if already loaded): the same object for every caller.
 
     `context_length` (tokens) applies to the first load; by default the model's own, capped.
-    The memory verdict is checked before loading (NotEnoughMemory). A failed load raises a
-    LensbenchError and leaves every model loaded before usable.
+    The memory verdict is taken before loading: NotEnoughMemory for a model larger than this
+    machine's memory, unless `check_memory` is False; a tight fit loads with a
+    `tracing.models.MemoryWarning`. A failed load raises a LensbenchError and leaves every model
+    loaded before usable.
     """
     path, _ = _gguf_path(model)
-    return shared_llama(path, n_ctx=context_length)
+    return shared_llama(path, n_ctx=context_length, check_memory=check_memory)
 
 
 # ---------------------------------------------------------------- chat
@@ -283,6 +299,7 @@ def stream_chat(
     max_tokens: int = 256,
     seed: int | None = None,
     cancel: threading.Event | None = None,
+    check_memory: bool = True,
 ) -> ChatStream:
     """Answer the last user message, streaming text deltas.
 
@@ -293,6 +310,7 @@ def stream_chat(
     system: an optional system prompt. temperature (0 = always the likeliest token), top_p,
         max_tokens (new tokens at most), seed (same seed, same answer).
     cancel: a threading.Event; setting it stops the answer within a token.
+    check_memory: False loads the model even when it is larger than this machine's memory.
 
     Returns a ChatStream: iterate it for the deltas. When the conversation does not fit the
     model's context, the oldest turns are dropped (and the answer shortened if need be) and
@@ -303,7 +321,7 @@ def stream_chat(
     requested = time.perf_counter()
     _check_settings(temperature, top_p, max_tokens, seed)
     conversation = _normalize(messages)
-    shared = load(model)
+    shared = load(model, check_memory=check_memory)
     plan = _fit_context(shared, system, conversation, int(max_tokens))
     request = dict(
         temperature=float(temperature),

@@ -41,10 +41,30 @@ def test_facts_only_and_errors_are_one_line():
     assert missing.returncode == 2 and missing.stderr.startswith("error: No model called")
     assert len(missing.stderr.strip().splitlines()) == 1
 
-    too_big = run_chat([], "Hello\n", LENSBENCH_MEMORY_LIMIT="50MB")
+    small_machine = dict(LENSBENCH_MEMORY_LIMIT="50MB", LENSBENCH_PHYSICAL_MEMORY="50MB")
+    too_big = run_chat([], "Hello\n", **small_machine)
     assert too_big.returncode == 2 and too_big.stdout == ""
     lines = too_big.stderr.strip().splitlines()
-    assert "Does not fit" in lines[0] and lines[-1].startswith("error: ") and "only 50.0 MB" in lines[-1]
+    assert "Does not fit" in lines[0] and lines[-1].startswith("error: ") and "this machine's 50.0 MB" in lines[-1]
+    assert "--ignore-memory-check" in lines[-1]
+
+
+def test_a_tight_fit_loads_with_one_warning_line_and_the_override_loads_a_refused_model():
+    question = "What is the capital of Germany?\n"
+    tight = run_chat(["--temperature", "0", "--seed", "1"], question,
+                     LENSBENCH_MEMORY_LIMIT="50MB", LENSBENCH_PHYSICAL_MEMORY="64GB")
+    assert tight.returncode == 0, tight.stderr
+    assert "Tight: needs about" in tight.stderr.splitlines()[0]
+    warnings = [line for line in tight.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "only 50.0 MB of this machine's 64.0 GB is free now" in warnings[0]
+    assert "Berlin" in tight.stdout
+
+    forced = run_chat(["--ignore-memory-check", "--temperature", "0", "--seed", "1"], question,
+                      LENSBENCH_MEMORY_LIMIT="50MB", LENSBENCH_PHYSICAL_MEMORY="50MB")
+    assert forced.returncode == 0, forced.stderr
+    warnings = [line for line in forced.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "memory check is off" in warnings[0]
+    assert "Berlin" in forced.stdout and "Traceback" not in forced.stderr
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on():

@@ -162,10 +162,36 @@ def test_model_too_large_is_refused_before_loading(tmp_path, monkeypatch):
     gguf = tmp_path / "smol.gguf"
     shutil.copy(bundled_gguf(), gguf)
     monkeypatch.setenv("LENSBENCH_MEMORY_LIMIT", "200MB")
+    monkeypatch.setenv("LENSBENCH_PHYSICAL_MEMORY", "200MB")
     monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(NotEnoughMemory, match="needs about .* only 200.0 MB is free"):
+    with pytest.raises(NotEnoughMemory, match="needs about .* more than this machine's 200.0 MB.*--ignore-memory-check"):
         tracing.trace(PROMPT, model=str(gguf))
     assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_a_cpu_load_of_the_bundled_model_is_float32_and_says_so(smollm2, smollm2_hooks):
+    assert smollm2.dtype == torch.float32
+    result = tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin", info=smollm2_hooks.info)
+    assert result.info["dtype"] == "float32" and result.info["device"] == "cpu"
+    assert result.info["dtype_reason"].startswith("float32: its weights (")
+    assert result.target.prob[-1, -1] == pytest.approx(0.796, abs=0.002)
+
+
+def test_half_precision_only_when_float32_does_not_fit_and_an_explicit_dtype_wins(smollm2, monkeypatch, tmp_path):
+    # The same file under another path (same name, size and time: the converted cache is reused),
+    # on a machine whose 400 MB hold the model in bfloat16 (270 MB) but not in float32 (540 MB).
+    copy = tmp_path / bundled_gguf().name
+    shutil.copy2(bundled_gguf(), copy)
+    monkeypatch.setenv("LENSBENCH_MEMORY_LIMIT", "400MB")
+    monkeypatch.setenv("LENSBENCH_PHYSICAL_MEMORY", "400MB")
+    half = load_model(copy, device="cpu")
+    assert half.dtype == torch.bfloat16 and half.info["from_cache"]
+    assert "bfloat16, not float32" in half.info["dtype_reason"] and "400.0 MB" in half.info["dtype_reason"]
+    tracer = tracing.open_tracer(copy, "hooks", device="cpu")
+    result = tracing.trace_with(tracer, PROMPT, target=" Berlin", info=tracer.info)
+    assert result.info["dtype"] == "bfloat16" and result.topk_tokens[-1][-1][0] == " Berlin"
+    with pytest.raises(NotEnoughMemory, match="in float32 needs about"):  # asked for: never quietly halved
+        load_model(copy, device="cpu", dtype=torch.float32)
 
 
 def test_empty_prompt(smollm2_hooks):
@@ -220,6 +246,21 @@ def test_cli_table_and_json(smollm2):
     assert len(data["entropy"]) == len(data["kl_to_final"]) == len(data["layers"]) == 31
 
 
+def test_cli_memory_check_refuses_names_the_override_and_the_override_loads(smollm2, monkeypatch):
+    monkeypatch.setenv("LENSBENCH_MEMORY_LIMIT", "200MB")
+    monkeypatch.setenv("LENSBENCH_PHYSICAL_MEMORY", "200MB")
+    refused = _cli("--prompt", PROMPT)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: ") and "--ignore-memory-check" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    forced = _cli("--prompt", PROMPT, "--top-k", "3", "--ignore-memory-check")
+    assert forced.returncode == 0, forced.stderr
+    warning = [line for line in forced.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "memory check is off" in warning[0], forced.stderr
+    assert forced.stdout.strip().splitlines()[-1].startswith("layer 30")
+
+
 def test_cli_errors_are_one_line_without_traceback():
     for args, message in [
         (("--prompt", ""), "The prompt is empty"),
@@ -237,13 +278,13 @@ def test_hub_id_offline_is_a_clear_message(monkeypatch):
         tracing.trace(PROMPT, model="nobody-here/no-such-model")
 
 
-def test_device_and_dtype_defaults(monkeypatch):
-    from tracing.device import default_dtype, pick_device
+def test_device_and_half_precision_defaults(monkeypatch):
+    from tracing.device import half_dtype, pick_device
 
     monkeypatch.delenv("LENSBENCH_DEVICE", raising=False)
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert pick_device().type == expected
     assert pick_device("cpu").type == "cpu"
-    assert default_dtype(torch.device("cpu")) == torch.float32
-    assert default_dtype(torch.device("cuda")) == torch.bfloat16
-    assert default_dtype(torch.device("mps")) in (torch.bfloat16, torch.float16)
+    assert half_dtype(torch.device("cpu")) == torch.bfloat16
+    assert half_dtype(torch.device("cuda")) == torch.bfloat16
+    assert half_dtype(torch.device("mps")) in (torch.bfloat16, torch.float16)

@@ -29,29 +29,34 @@ def lens_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--lens", default=None, help="with --backend tuned-lens-tuned: a tuned lens folder (config.json + params.pt)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument("--ignore-memory-check", action="store_true",
+                        help="load the model even if it looks bigger than this machine's memory")
     return parser
 
 
 def run_lens(argv: list[str]) -> int:
     args = lens_parser().parse_args(argv)
     from .api import trace
+    from .models import ignoring_memory_check, print_memory_warnings
 
     options = {"lens": args.lens} if args.lens else {}
     if args.lens and args.backend != "tuned-lens-tuned":
         from .errors import UnsupportedModel
 
         raise UnsupportedModel("--lens needs --backend tuned-lens-tuned.")
-    result = trace(
-        args.prompt,
-        model=args.model,
-        backend=args.backend,
-        top_k=args.top_k,
-        temperature=args.temperature,
-        target=args.target,
-        last_only=args.last_only,
-        device=args.device,
-        **options,
-    )
+    print_memory_warnings()  # a tight fit: one "warning: ..." line on stderr
+    with ignoring_memory_check(args.ignore_memory_check):  # reaches every backend's load
+        result = trace(
+            args.prompt,
+            model=args.model,
+            backend=args.backend,
+            top_k=args.top_k,
+            temperature=args.temperature,
+            target=args.target,
+            last_only=args.last_only,
+            device=args.device,
+            **options,
+        )
     if args.json:
         json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

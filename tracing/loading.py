@@ -3,6 +3,8 @@
 A GGUF is dequantized by transformers once (~18 s for SmolLM2), then saved as float32
 safetensors under the cache folder beside a fingerprint of the GGUF; later loads read the
 safetensors (~1 s). A changed GGUF has a new fingerprint, so its stale cache is replaced.
+Weights load in float32 when they fit in the device's memory, else in half precision
+(`tracing.device.pick_dtype`); every load is checked against memory first (`tracing.models.check_fits`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .device import default_dtype, pick_device
+from .device import pick_device, pick_dtype
 from .errors import BadModelFile, LensbenchError, ModelNotFound, NotEnoughMemory, UnsupportedModel
 from .models import ModelSource, check_fits, fingerprint, read_gguf, resolve
 
@@ -45,6 +47,15 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.source.name
+
+    def result_info(self) -> dict:
+        """What a LensResult's `info` should say about this model: device, dtype, why that dtype,
+        and the memory warning its load gave (if any)."""
+        info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        for key in ("dtype_reason", "memory_warning"):
+            if key in self.info:
+                info[key] = self.info[key]
+        return info
 
     @property
     def context_length(self) -> int | None:
@@ -82,6 +93,8 @@ class LoadedModelTracer:
         self.encode = loaded.encode
         self.encode_target = loaded.encode_target
         self.decode_one = loaded.decode_one
+        # Pass as `trace_with(..., info=tracer.info)`: the result then says which dtype ran and why.
+        self.info = loaded.result_info()
         unembed = loaded.model.get_output_embeddings()
         self.vocab_size = int(unembed.weight.shape[0]) if unembed is not None else None
 
@@ -124,8 +137,14 @@ class _ModelCache:
         self._lock = threading.RLock()
 
     def get(self, key: tuple) -> LoadedModel | None:
+        """The model under `key`; for an explicit dtype, also one loaded with the automatic choice that picked it."""
         with self._lock:
             loaded = self._models.get(key)
+            if loaded is None and key[-1] != "auto":
+                auto = (*key[:-1], "auto")
+                candidate = self._models.get(auto)
+                if candidate is not None and str(candidate.dtype) == key[-1]:
+                    key, loaded = auto, candidate
             if loaded is not None:
                 self._models.move_to_end(key)
             return loaded
@@ -166,21 +185,29 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    check_memory: bool = True,
 ) -> LoadedModel:
-    """Load (or reuse) a transformers model for `spec` (see `tracing.models.resolve`)."""
+    """Load (or reuse) a transformers model for `spec` (see `tracing.models.resolve`).
+
+    device: "cuda", "mps" or "cpu" (default: the best available, `tracing.device.pick_device`).
+    dtype: the weights' dtype; by default float32 when it fits in the device's memory, else half
+    precision (`tracing.device.pick_dtype`). `loaded.info["dtype_reason"]` says which and why.
+    check_memory: False loads even a model larger than this machine's memory (with a warning).
+    Raises ModelNotFound, BadModelFile, UnsupportedModel, NotEnoughMemory (before loading); a tight
+    fit loads with a `tracing.models.MemoryWarning`.
+    """
     source = resolve(spec)
     device = pick_device(str(device) if device else None)
-    dtype = dtype or default_dtype(device)
-    key = (source.kind, source.location, str(device), str(dtype))
+    key = (source.kind, source.location, str(device), str(dtype) if dtype else "auto")
     with MODEL_CACHE.lock:  # one load at a time: two requests never load two copies
         loaded = MODEL_CACHE.get(key)
         if loaded is not None:
             return loaded
         start = time.perf_counter()
         if source.kind == "gguf":
-            loaded = _load_gguf(source, device, dtype)
+            loaded = _load_gguf(source, device, dtype, check_memory)
         else:
-            loaded = _load_pretrained(source, device, dtype, trust_remote_code)
+            loaded = _load_pretrained(source, device, dtype, trust_remote_code, check_memory)
         loaded.info["load_seconds"] = round(time.perf_counter() - start, 2)
         MODEL_CACHE.put(key, loaded)
         return loaded
@@ -190,7 +217,7 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _load_gguf(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_gguf(source: ModelSource, device: torch.device, requested: torch.dtype | None, check_memory: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     facts = read_gguf(source.path)
@@ -206,15 +233,17 @@ def _load_gguf(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
             f"{', '.join(sorted(known))}). Use the llama.cpp backend (--backend llama-cpp), "
             "which runs the GGUF itself."
         )
+    dtype, reason = pick_dtype(device, facts.n_params * 4, requested)
     weights_bytes = facts.n_params * _dtype_bytes(dtype)
     target = cache_dir() / "gguf" / f"{source.path.stem}-{fingerprint(source.path)}"
     from_cache = (target / _COMPLETE).is_file()
     if not from_cache:
         # transformers holds the quantized file, a float32 state dict and the model at once.
-        check_fits(
+        verdict = check_fits(
             facts.n_params * 4 * 2,
             f"Converting '{source.name}' ({facts.summary()}) to PyTorch",
             "The llama.cpp backend runs the GGUF without converting it.",
+            check_memory=check_memory,
         )
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -230,14 +259,32 @@ def _load_gguf(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
         _save_cache(model, tokenizer, target, source)
         model = model.to(device=device, dtype=dtype)
     else:
-        check_fits(int(weights_bytes * 1.1), f"Loading '{source.name}'")
+        verdict = check_fits(
+            int(weights_bytes * 1.1),
+            f"Loading '{source.name}' in {_name(dtype)}",
+            "The llama.cpp backend runs the GGUF itself, in less memory.",
+            metal=device.type == "mps",
+            check_memory=check_memory,
+        )
         model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(target))
     model.eval()
     return LoadedModel(
         source, model, tokenizer, device, dtype, weights_bytes,
-        info={"from_cache": from_cache, "cache_dir": str(target), "gguf": facts.summary()},
+        info={"from_cache": from_cache, "cache_dir": str(target), "gguf": facts.summary(),
+              **_dtype_info(dtype, reason, verdict)},
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_info(dtype: torch.dtype, reason: str, verdict) -> dict:
+    info = {"dtype": _name(dtype), "dtype_reason": reason}
+    if verdict.warning:
+        info["memory_warning"] = verdict.message
+    return info
 
 
 def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
@@ -266,7 +313,8 @@ def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
 
 
 def _load_pretrained(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+    source: ModelSource, device: torch.device, requested: torch.dtype | None, trust_remote_code: bool,
+    check_memory: bool,
 ) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -284,8 +332,14 @@ def _load_pretrained(
             f"Hugging Face hub (offline, or no such model): {type(exc).__name__}"
         ) from None
     n_params = _estimate_params(config)
+    dtype, reason = pick_dtype(device, n_params * 4, requested)
     weights_bytes = n_params * _dtype_bytes(dtype)
-    check_fits(int(weights_bytes * 1.1), f"Loading '{source.name}' (~{n_params / 1e9:.1f}B parameters)")
+    verdict = check_fits(
+        int(weights_bytes * 1.1),
+        f"Loading '{source.name}' (~{n_params / 1e9:.1f}B parameters) in {_name(dtype)}",
+        metal=device.type == "mps",
+        check_memory=check_memory,
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, dtype=dtype, local_files_only=local, trust_remote_code=trust_remote_code
@@ -298,7 +352,8 @@ def _load_pretrained(
     except torch.OutOfMemoryError:
         raise NotEnoughMemory(f"Ran out of memory loading '{source.name}'.") from None
     model.eval()
-    return LoadedModel(source, model, tokenizer, device, dtype, weights_bytes, info={"from_cache": False})
+    return LoadedModel(source, model, tokenizer, device, dtype, weights_bytes,
+                       info={"from_cache": False, **_dtype_info(dtype, reason, verdict)})
 
 
 def _estimate_params(config) -> int:

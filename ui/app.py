@@ -7,6 +7,7 @@ becomes a `gr.Error` message; the app stays up.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -18,6 +19,7 @@ import gradio as gr
 import tracing
 from tracing.errors import LensbenchError, UnsupportedModel
 from tracing.lens import LensResult
+from tracing.models import ignoring_memory_check, memory_notices
 
 from . import plots, tables
 from .choices import Catalog, backend_label, reasons_markdown
@@ -144,7 +146,21 @@ class LensApp:
             raise LensbenchError(f"top-k must be between 1 and {self.settings.max_top_k} (got {top_k}).")
         return k
 
-    def _open(self, model: str | None, backend: str, progress) -> object:
+    def _memory_check_off(self, ignore_memory) -> bool:
+        """Whether the visitor's "Skip the memory check" box counts: never on a public link."""
+        return bool(ignore_memory) and not self.settings.public
+
+    @contextlib.contextmanager
+    def _loading(self, ignore_memory):
+        """Around anything that may load a model: the visitor's memory-check choice applies, and a
+        memory warning from the load is shown to them (not only written to the server's log).
+        Must not span a `yield` (Gradio runs each step of a generator in a fresh context)."""
+        with ignoring_memory_check(self._memory_check_off(ignore_memory)), memory_notices() as notes:
+            yield
+        for verdict in notes:
+            gr.Warning(verdict.message)
+
+    def _open(self, model: str | None, backend: str, progress, ignore_memory=False) -> object:
         """The tracer for (model, backend): loaded once, then reused from tracing's model cache."""
         entry = self.catalog.pick(model)
         problem = self.catalog.backend_problem(entry.name, backend)
@@ -152,15 +168,16 @@ class LensApp:
             raise LensbenchError(f"{backend_label(backend)} cannot trace '{entry.name}': {problem}")
         progress(0.05, desc=f"Loading {entry.name} for {backend_label(backend)} (the first time takes a while)…")
         try:
-            return tracing.open_tracer(entry.name, backend)
+            with self._loading(ignore_memory):
+                return tracing.open_tracer(entry.name, backend)
         except UnsupportedModel as exc:
             self.catalog.record_failure(entry.name, backend, str(exc))
             raise
 
-    def _trace(self, model, backend, prompt, target, top_k, temperature, progress) -> Traced:
+    def _trace(self, model, backend, prompt, target, top_k, temperature, progress, ignore_memory=False) -> Traced:
         prompt = self._check_prompt(prompt)
         top_k = self._check_top_k(top_k)
-        tracer = self._open(model, backend, progress)
+        tracer = self._open(model, backend, progress, ignore_memory)
         ids = tracer.encode(prompt)
         if len(ids) > self.settings.max_prompt_tokens:
             raise LensbenchError(
@@ -169,7 +186,7 @@ class LensApp:
         progress(0.5, desc=f"Tracing {len(ids)} tokens…")
         result = tracing.trace_with(
             tracer, prompt, ids=ids, top_k=top_k, temperature=1.0 if temperature is None else float(temperature),
-            target=(target or None),
+            target=(target or None), info=getattr(tracer, "info", None),  # e.g. the dtype, and why
         )
         return Traced(result, TokenLabels(byte_lookup(tracer)))
 
@@ -192,15 +209,19 @@ class LensApp:
         yield (frozen, later, chart, gr.update(choices=choices, value=col), table, later, json_path, csv_path)
 
     @user_errors
-    def lens_steps(self, prompt, model, backend, top_k, temperature, target, metric, progress=gr.Progress()):
+    def lens_steps(self, prompt, model, backend, top_k, temperature, target, metric, ignore_memory=False,
+                   progress=gr.Progress()):
         """What the Trace button runs: `lens`, showing the heatmap as soon as it is ready."""
-        traced = self._trace(model, backend, prompt, target, top_k, temperature, progress)
+        traced = self._trace(model, backend, prompt, target, top_k, temperature, progress, ignore_memory)
         yield from self._lens_outputs(traced, metric or plots.DEFAULT_METRIC)
 
-    def lens(self, prompt, model, backend, top_k, temperature, target, metric, progress=gr.Progress()):
+    def lens(self, prompt, model, backend, top_k, temperature, target, metric, ignore_memory=False,
+             progress=gr.Progress()):
         """Trace `prompt` on `model` with `backend`: state, heatmap, target chart, position picker,
-        top-k table, summary, JSON and CSV downloads."""
-        return _merged(self.lens_steps(prompt, model, backend, top_k, temperature, target, metric, progress))
+        top-k table, summary, JSON and CSV downloads. `ignore_memory`: load even a model that looks
+        too big (the "Skip the memory check" box; ignored on a public link)."""
+        return _merged(self.lens_steps(prompt, model, backend, top_k, temperature, target, metric, ignore_memory,
+                                       progress))
 
     @user_errors
     def redraw(self, traced: Traced | None, metric, column):
@@ -248,13 +269,13 @@ class LensApp:
 
     @user_errors
     def compare(self, prompt, target, model_a, backend_a, model_b, backend_b, top_k, temperature, metric,
-                progress=gr.Progress()):
+                ignore_memory=False, progress=gr.Progress()):
         """One prompt through two (model, backend) pairs: both heatmaps and both target trajectories."""
         sides = []
         for side, model, backend in (("A", model_a, backend_a), ("B", model_b, backend_b)):
             try:
                 traced = self._trace(model, backend, prompt, target, top_k, temperature,
-                                     _sub_progress(progress, 0.5 * len(sides), 0.5))
+                                     _sub_progress(progress, 0.5 * len(sides), 0.5), ignore_memory)
             except LensbenchError as exc:
                 raise LensbenchError(f"Side {side}: {exc}") from None
             sides.append((f"{side}: {traced.result.model} · {traced.result.backend}", traced))
@@ -281,7 +302,7 @@ class LensApp:
             event.set()
 
     @user_errors
-    def chat(self, message, history, model, system, temperature, top_p, max_tokens, seed,
+    def chat(self, message, history, model, system, temperature, top_p, max_tokens, seed, ignore_memory=False,
              request: gr.Request = None):
         """Send `message`; stream the answer into the history (and clear the message box)."""
         from chat.engine import stream_chat
@@ -299,8 +320,10 @@ class LensApp:
         yield messages + [{"role": "assistant", "content": ""}], ""
         cancel = self._cancel_event(request)
         seed = None if seed is None or int(seed) < 0 else int(seed)
-        stream = stream_chat(entry.name, messages, system=(system or None), temperature=float(temperature),
-                             top_p=float(top_p), max_tokens=max_tokens, seed=seed, cancel=cancel)
+        with self._loading(ignore_memory):  # no yield inside: see `_loading`
+            stream = stream_chat(entry.name, messages, system=(system or None), temperature=float(temperature),
+                                 top_p=float(top_p), max_tokens=max_tokens, seed=seed, cancel=cancel,
+                                 check_memory=not self._memory_check_off(ignore_memory))
         for notice in stream.notices:  # e.g. the oldest turns were dropped to fit the context
             gr.Warning(notice.message)
         try:
@@ -321,7 +344,8 @@ class LensApp:
             return f"⚠️ {exc}"
 
     @user_errors
-    def trace_reply(self, history, model, system, top_k, temperature, metric, progress=gr.Progress()):
+    def trace_reply(self, history, model, system, top_k, temperature, metric, ignore_memory=False,
+                    progress=gr.Progress()):
         """Trace the last assistant reply of the chat on the same GGUF through llama.cpp."""
         messages = plain_messages(history)
         if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
@@ -334,8 +358,9 @@ class LensApp:
 
         progress(0.1, desc="Tracing the reply through llama.cpp…")
         context = ([{"role": "system", "content": system}] if system else []) + messages[:-1]
-        result = trace_reply(entry.name, context, messages[-1]["content"], top_k=self._check_top_k(top_k),
-                             temperature=1.0 if temperature is None else float(temperature))
+        with self._loading(ignore_memory):
+            result = trace_reply(entry.name, context, messages[-1]["content"], top_k=self._check_top_k(top_k),
+                                 temperature=1.0 if temperature is None else float(temperature))
         lookup = byte_lookup(tracing.open_tracer(entry.name, "llama-cpp"))
         outputs = _merged(self._lens_outputs(Traced(result, TokenLabels(lookup)), metric or plots.DEFAULT_METRIC))
         return (gr.update(selected="lens"), gr.update(value=entry.name), gr.update(value="llama-cpp"), *outputs)
@@ -355,9 +380,13 @@ def _unchanged(value) -> bool:
 
 
 def _facts_markdown(facts) -> str:
-    """`chat.engine.ModelFacts` as a line of markdown (its summary ends with the memory verdict)."""
+    """`chat.engine.ModelFacts` as markdown: its summary (ending with the memory verdict), and the
+    verdict's whole message when it warns or refuses."""
     text = getattr(facts, "summary", None)
     text = text() if callable(text) else text
+    verdict = getattr(facts, "memory", None)
+    if verdict is not None and not verdict.fits:
+        return f"⚠️ {text}  \n{verdict.message}"
     if getattr(facts, "fits", True) is False:
         return f"⚠️ {text}"
     return text or str(facts)
@@ -391,6 +420,13 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
             "(logit lens, tuned lens), on PyTorch or on the GGUF itself, next to a chat with the model."
             + (" *Public link: models are the listed ones; prompts and top-k are bounded.*" if s.public else "")
         )
+        # Only a model bigger than this machine's memory is refused; this box loads it anyway. Its value
+        # reaches the handlers through a State, which stays out of the API: only a person at the page
+        # can skip the check (and never on a public link).
+        memory_box = gr.Checkbox(False, label="Skip the memory check", visible=not s.public,
+                                 info="Load a model even if it looks bigger than this machine's memory "
+                                      "(it may be very slow, or fail).", elem_id="ignore-memory")
+        ignore_memory = gr.State(False)
         with gr.Tabs(selected="lens") as tabs:
             # ------------------------------------------------------------ Lens
             with gr.Tab("Lens", id="lens", elem_id="tab-lens"):
@@ -486,7 +522,8 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                     c_map_b = gr.Plot(label="B")
 
         # ---------------------------------------------------------------- wiring
-        lens_inputs = [prompt, model, backend, top_k, temperature, target, metric]
+        memory_box.change(lambda on: bool(on), memory_box, ignore_memory, api_visibility="private", queue=False)
+        lens_inputs = [prompt, model, backend, top_k, temperature, target, metric, ignore_memory]
         lens_outputs = [traced, heatmap, chart, position, table, summary, json_file, csv_file]
         run_lens = dict(show_progress_on=[heatmap], **heavy)
         trace_button.click(app.lens_steps, lens_inputs, lens_outputs, api_visibility="private", **run_lens)
@@ -510,7 +547,7 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
             side_backend.input(app.backend_changed, [side_model, side_backend], [side_backend],
                                api_visibility="private", concurrency_limit=None)
 
-        chat_inputs = [message, chatbot, chat_model, system, chat_temperature, top_p, max_tokens, seed]
+        chat_inputs = [message, chatbot, chat_model, system, chat_temperature, top_p, max_tokens, seed, ignore_memory]
         send.click(app.chat, chat_inputs, [chatbot, message], api_name="chat", concurrency_id="chat",
                    concurrency_limit=s.concurrency)
         message.submit(app.chat, chat_inputs, [chatbot, message], api_visibility="private",
@@ -519,10 +556,11 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
         clear.click(lambda: [], None, chatbot, api_visibility="private", queue=False)
         chat_model.change(app.chat_model_changed, chat_model, chat_facts, api_visibility="private",
                           concurrency_limit=None)
-        trace_reply.click(app.trace_reply, [chatbot, chat_model, system, top_k, temperature, metric],
+        trace_reply.click(app.trace_reply, [chatbot, chat_model, system, top_k, temperature, metric, ignore_memory],
                           [tabs, model, backend, *lens_outputs], api_name="trace_reply", **heavy)
 
-        compare_inputs = [c_prompt, c_target, model_a, backend_a, model_b, backend_b, c_top_k, c_temperature, c_metric]
+        compare_inputs = [c_prompt, c_target, model_a, backend_a, model_b, backend_b, c_top_k, c_temperature, c_metric,
+                          ignore_memory]
         compare_outputs = [c_summary, c_chart, c_map_a, c_map_b]
         compare_button.click(app.compare, compare_inputs, compare_outputs, api_name="compare", **heavy)
         if compare_examples is not None:

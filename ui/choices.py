@@ -13,10 +13,11 @@ from tracing.api import BACKENDS
 from tracing.errors import LensbenchError
 from tracing.models import (
     DEFAULT_MODEL_NAME,
+    SMALLER_MODEL_HINT,
     ModelEntry,
-    available_memory,
     discover,
     human_bytes,
+    memory_verdict,
     read_gguf,
     resolve,
 )
@@ -90,28 +91,41 @@ class Catalog:
         )
 
     def facts(self, name: str | None) -> str:
-        """A markdown line about a model: architecture, size, quantization, and whether it fits."""
+        """Markdown about a model: architecture, size, quantization, and the memory verdict of each
+        way to load it (llama.cpp on the GGUF; PyTorch, in the dtype it would get), with any warning."""
         try:
             entry = self.pick(name)
         except LensbenchError as exc:
             return f"⚠️ {exc}"
-        free = available_memory()
+        from tracing.device import pick_device, pick_dtype
+
+        device = pick_device()
+        metal = device.type == "mps"
         if entry.kind != "gguf":
             size = entry.size_bytes or 0
-            fits = "fits in memory" if size * 1.1 < free else f"**may not fit** ({human_bytes(free)} free)"
-            return f"PyTorch model folder · {human_bytes(size)} on disk · {fits}"
+            verdict = memory_verdict(int(size * 1.1), f"'{entry.name}'", metal=metal)
+            return _with_warnings(f"PyTorch model folder · {human_bytes(size)} on disk · {verdict.short()}", [verdict])
         try:
             facts = gguf_facts(entry.path)
         except LensbenchError as exc:
             return f"⚠️ {exc}"
-        llama_fits = "fits" if facts.file_bytes * 1.1 < free else "**does not fit**"
-        torch_fits = "fits" if facts.float32_bytes * 1.1 < free else "**does not fit**"
+        from runtime.llama_cpp import context_for, describe_size, memory_needed
+
+        llama = memory_verdict(memory_needed(facts, context_for(facts)), f"llama.cpp on '{entry.name}' "
+                               f"({describe_size(facts)})", metal=True, hint=SMALLER_MODEL_HINT)
+        verdicts, memory = [llama], f"Memory: llama.cpp: {llama.short()}"
+        if _torch_gguf_problem(entry.path) is None:
+            dtype, _reason = pick_dtype(device, facts.float32_bytes)
+            dtype_name = str(dtype).removeprefix("torch.")
+            torch_bytes = facts.n_params * (4 if dtype_name == "float32" else 2)
+            pytorch = memory_verdict(int(torch_bytes * 1.1), f"PyTorch on '{entry.name}' in {dtype_name}", metal=metal)
+            verdicts.append(pytorch)
+            memory += f" PyTorch ({dtype_name} on {device.type}): {pytorch.short()}"
         moe = f" · MoE, {facts.n_experts} experts" if facts.n_experts else ""
-        return (
+        return _with_warnings(
             f"{facts.architecture}{moe} · {facts.n_params / 1e6:,.0f}M parameters · {facts.n_layers} layers · "
-            f"{facts.quantization} · context {facts.context_length} · {human_bytes(facts.file_bytes)}  \n"
-            f"Memory ({human_bytes(free)} free): llama.cpp {llama_fits} (about {human_bytes(facts.file_bytes)}); "
-            f"PyTorch backends {torch_fits} (about {human_bytes(facts.float32_bytes)} as float32)"
+            f"{facts.quantization} · context {facts.context_length} · {human_bytes(facts.file_bytes)}  \n{memory}",
+            verdicts,
         )
 
     # ---------------------------------------------------------------- backends
@@ -158,6 +172,11 @@ class Catalog:
                 label += " — unavailable"
             choices.append((label, backend))
         return choices, reasons
+
+
+def _with_warnings(text: str, verdicts) -> str:
+    """`text`, then each verdict that warns or refuses, as a markdown line of its own."""
+    return "  \n".join([text] + [f"⚠️ {v.message}" for v in verdicts if not v.fits])
 
 
 def gguf_facts(path: str):

@@ -72,7 +72,22 @@ def summary(result: LensResult, column: int = -1, labels: TokenLabels | None = N
     seconds = result.info.get("seconds")
     if seconds is not None:
         lines.append(f"Traced in {seconds:.2f} s.")
+    lines += weights_notes(result)
     return "  \n".join(lines)
+
+
+def weights_notes(result: LensResult) -> list[str]:
+    """What the summary says about the weights (PyTorch backends): the dtype and device, why half
+    precision when it is not float32, and a memory warning from the load."""
+    notes = []
+    dtype, device = result.info.get("dtype"), result.info.get("device")
+    if dtype == "float32":
+        notes.append(f"Weights in float32{f' on {device}' if device else ''}.")
+    elif dtype:
+        notes.append(f"⚠️ Weights in {result.info.get('dtype_reason') or dtype}.")
+    if result.info.get("memory_warning"):
+        notes.append(f"⚠️ {result.info['memory_warning']}")
+    return notes
 
 
 def _story_rows(n_rows: int) -> list[int]:
