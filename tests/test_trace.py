@@ -29,8 +29,10 @@ def test_berlin_is_the_last_rows_top1_with_the_models_own_probability(smollm2, s
     with torch.no_grad():
         own = torch.softmax(smollm2.model(input_ids=ids).logits[0, -1].float(), -1)
     berlin = smollm2.encode_target(" Berlin")[0]
-    assert result.target.prob[-1, -1] == pytest.approx(own[berlin].item(), abs=1e-5)
-    assert result.topk_probs[-1, -1, 0] == pytest.approx(own.max().item(), abs=1e-5)
+    # float32 sums in another order (the lens projects every row in one batched matmul, the model
+    # one row with its own lm_head): measured 0 on one machine, 1.4e-5 on an AVX-512 one.
+    assert result.target.prob[-1, -1] == pytest.approx(own[berlin].item(), abs=5e-5)
+    assert result.topk_probs[-1, -1, 0] == pytest.approx(own.max().item(), abs=5e-5)
     assert 0.7 < result.target.prob[-1, -1] < 0.9  # 0.796 measured
     assert result.target.rank[-1, -1] == 1
     assert result.target.prob[0, -1] < 0.01  # the embeddings don't know the answer yet

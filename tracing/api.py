@@ -136,6 +136,7 @@ def trace_with(
             f"{tracer.context_length} tokens. Shorten it."
         )
     target_pair = resolve_target(tracer, target) if target else None
+    info = {**getattr(tracer, "info", {}), **(info or {})}  # e.g. the weights' dtype and why
     start = time.perf_counter()
     with tracer.lock():
         try:

@@ -99,6 +99,8 @@ class LensResult:
             "entropy": self.entropy.tolist(),
             "kl_to_final": self.kl_to_final.tolist(),
             "target": self.target.to_dict() if self.target else None,
+            # backend facts: the weights' dtype and why, device, seconds; plain values only
+            "info": {k: v for k, v in self.info.items() if isinstance(v, (str, int, float, bool, type(None)))},
         }
 
     def table(self, position: int = -1) -> str:

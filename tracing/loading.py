@@ -93,7 +93,7 @@ class LoadedModelTracer:
         self.encode = loaded.encode
         self.encode_target = loaded.encode_target
         self.decode_one = loaded.decode_one
-        # Pass as `trace_with(..., info=tracer.info)`: the result then says which dtype ran and why.
+        # trace_with copies it into every result: which dtype ran and why.
         self.info = loaded.result_info()
         unembed = loaded.model.get_output_embeddings()
         self.vocab_size = int(unembed.weight.shape[0]) if unembed is not None else None

@@ -186,7 +186,7 @@ class LensApp:
         progress(0.5, desc=f"Tracing {len(ids)} tokens…")
         result = tracing.trace_with(
             tracer, prompt, ids=ids, top_k=top_k, temperature=1.0 if temperature is None else float(temperature),
-            target=(target or None), info=getattr(tracer, "info", None),  # e.g. the dtype, and why
+            target=(target or None),
         )
         return Traced(result, TokenLabels(byte_lookup(tracer)))
 
