@@ -35,6 +35,7 @@ from runtime.llama_cpp import (
     context_for,
     describe_size,
     gguf_facts,
+    gpu_layers,
     loaded_model,
     memory_needed,
     shared_llama,
@@ -107,7 +108,7 @@ def model_facts(model: str | None = None) -> ModelFacts:
     needed = memory_needed(facts, context)
     # As `runtime.llama_cpp.shared_llama` takes it (every layer on the GPU: Metal's limit applies).
     verdict = None if shared else memory_verdict(
-        needed, f"'{path.name}' ({describe_size(facts)})", metal=True, hint=SMALLER_MODEL_HINT
+        needed, f"'{path.name}' ({describe_size(facts)})", metal=gpu_layers() != 0, hint=SMALLER_MODEL_HINT
     )
     fits = shared is not None or verdict.fits
     family = _family(facts)

@@ -120,7 +120,7 @@ def shared_llama(path: str | Path, n_ctx: int | None = None, *, check_memory: bo
             memory_needed(facts, context),
             f"'{Path(key).name}' ({describe_size(facts)})",
             SMALLER_MODEL_HINT,
-            metal=True,  # llama_options: every layer on the GPU where there is one
+            metal=gpu_layers() != 0,  # llama_options: layers on the GPU where there is one
             check_memory=check_memory,
         )
         start = time.perf_counter()
@@ -183,10 +183,19 @@ def release(path: str | Path) -> bool:
     return True
 
 
+def gpu_layers() -> int:
+    """Layers llama.cpp puts on the GPU: $LENSBENCH_GPU_LAYERS (0 = none), else all of them (-1).
+
+    Fewer layers on the GPU is the way out when a model exceeds what macOS lets Metal use; the
+    CPU build ignores it.
+    """
+    value = os.environ.get("LENSBENCH_GPU_LAYERS", "").strip()
+    return int(value) if value.lstrip("-").isdigit() else -1
+
+
 def llama_options(n_ctx: int) -> dict:
     """The keyword arguments every `llama_cpp.Llama` here is created with."""
-    # All layers on the GPU where there is one (Metal, CUDA); the CPU build ignores it.
-    return dict(n_ctx=n_ctx, n_gpu_layers=-1, use_mmap=True, verbose=False)
+    return dict(n_ctx=n_ctx, n_gpu_layers=gpu_layers(), use_mmap=True, verbose=False)
 
 
 def _load(path: str, facts: GGUFFacts, n_ctx: int):

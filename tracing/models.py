@@ -451,7 +451,8 @@ def memory_verdict(needed_bytes: int, what: str, *, metal: bool = False, hint: s
         problems.append(
             f"that is more than the {human_bytes(gpu_limit)} macOS lets the GPU use, so it may run slowly "
             f"or fail: raise the limit with 'sudo sysctl iogpu.wired_limit_mb={_suggested_wired_limit_mb(needed_bytes, physical)}' "
-            "(until the next restart), or pick a smaller quantization"
+            "(until the next restart), put fewer layers on the GPU (e.g. LENSBENCH_GPU_LAYERS=24), "
+            "or pick a smaller quantization"
         )
     if problems:
         message = f"{what} needs about {need} of memory: {'; and '.join(problems)}."
