@@ -1,8 +1,10 @@
 """The llama.cpp lens vs a plain llama.cpp eval of the same prompt, measured side by side in one run.
 
-    .venv/bin/python bench/bench_llama_cpp.py [--model PATH] [--threads 1] [--repeats 9] [--json]
+    .venv/bin/python bench/bench_llama_cpp.py [--model PATH] [--moe ARCH] [--threads 1] [--repeats 9] [--json]
 
-On the default model (the bundled SmolLM2 GGUF), for a short and a long prompt, interleaved medians of:
+On the default model (the bundled SmolLM2 GGUF) and on a tiny mixture-of-experts model converted by
+llama.cpp's own converter (tests/converted_models.py; default llama4, Scout's layout, Q8_0), for a
+short and a long prompt, interleaved medians of:
   eval-last     llama_decode of the prompt, logits for the last token, on a context like the
                 lens's (same model, threads, batch) but with no eval callback
   capture-last  the lens's capture: the same decode with the callback copying every block's output
@@ -106,6 +108,13 @@ def timings(model, threads: int, repeats: int) -> dict:
     return out
 
 
+def converted_moe(arch: str) -> Path:
+    """A tiny random-weight MoE model of `arch`, converted to Q8_0 by llama.cpp's own converter (cached)."""
+    from tests.converted_models import converted
+
+    return converted(arch, "q8_0")
+
+
 def projection_throughput(threads: int, repeats: int) -> dict:
     """Giga multiply-adds per second of ggml's matmul on Scout-wide quantized rows (random bytes:
     the kernels' speed does not depend on the values)."""
@@ -188,6 +197,7 @@ def scout_on_paper(result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a GGUF (default: the bundled SmolLM2)")
+    parser.add_argument("--moe", default="llama4", help="a converted test architecture to time too ('' for none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", action="store_true")
@@ -195,6 +205,7 @@ def main() -> None:
     result = {
         "threads": args.threads,
         "timings": timings(args.model, args.threads, args.repeats),
+        "moe_timings": timings(str(converted_moe(args.moe)), args.threads, args.repeats) if args.moe else None,
         "projection_gmacs": projection_throughput(args.threads, max(3, args.repeats // 3)),
         "memory": memory(args.model),
     }
@@ -202,17 +213,19 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    t = result["timings"]
-    print(f"{t['model']}: {t['layers']} layers, d_model {t['d_model']}, vocab {t['vocab']}; {args.threads} thread(s)")
-    for label in ("short", "long"):
-        r = t[label]
-        cells = "  ".join(f"{k} {v:.1f}" for k, v in r["ms"].items())
-        print(f"  {label} prompt, {r['tokens']} tokens (ms): {cells}")
-        print(
-            f"    capture vs plain eval: last {r['capture_last_vs_eval']:.3f}x, all positions "
-            f"{r['capture_all_vs_eval_all']:.3f}x (target <= 1.10x); full lens: last "
-            f"{r['lens_last_vs_eval']:.2f}x, all {r['lens_all_vs_eval_all']:.2f}x"
-        )
+    for t in (result["timings"], result["moe_timings"]):
+        if t is None:
+            continue
+        print(f"{t['model']}: {t['layers']} layers, d_model {t['d_model']}, vocab {t['vocab']}; {args.threads} thread(s)")
+        for label in ("short", "long"):
+            r = t[label]
+            cells = "  ".join(f"{k} {v:.1f}" for k, v in r["ms"].items())
+            print(f"  {label} prompt, {r['tokens']} tokens (ms): {cells}")
+            print(
+                f"    capture vs plain eval: last {r['capture_last_vs_eval']:.3f}x, all positions "
+                f"{r['capture_all_vs_eval_all']:.3f}x (target <= 1.10x); full lens: last "
+                f"{r['lens_last_vs_eval']:.2f}x, all {r['lens_all_vs_eval_all']:.2f}x"
+            )
     print(f"  projection (ggml quantized matmul, Scout-wide rows): {result['projection_gmacs']} GMAC/s")
     print(f"  memory: {result['memory']}")
     print(f"  Scout on paper: {result['scout_on_paper']}")

@@ -103,3 +103,27 @@ def test_a_handler_error_stops_the_decode_and_is_raised(smol):
     with pytest.raises(RuntimeError, match="handler failed"):
         run(graph, ids, {block_output(3): broken})
     assert np.isfinite(run(graph, ids)).all()  # the context is still usable
+
+
+def test_a_graph_without_a_block_output_gets_a_message_naming_the_node(tmp_path):
+    """Recurrent and hybrid graphs may not end every block in `l_out-{i}`. Shown on a copy of the
+    bundled model whose watched layout is told to lack one (no such model converts offline)."""
+    import shutil
+
+    import tracing
+    from runtime.llama_cpp import GraphLayout, release
+    from tracing import UnsupportedModel
+
+    path = tmp_path / "smol.gguf"
+    shutil.copy(bundled_gguf(), path)
+    shared = shared_llama(path)
+    try:
+        with shared.lock:
+            graph = GraphContext(shared, 16)
+            names = graph.layout().names
+            graph.close()
+        shared.graph_layout = GraphLayout("embd", frozenset(names - {"l_out-7"}))
+        with pytest.raises(UnsupportedModel, match=r"has no node 'l_out-7'.*recurrent or hybrid"):
+            tracing.trace("Hello", model=str(path), backend="llama-cpp")
+    finally:
+        release(path)
