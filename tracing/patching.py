@@ -1,0 +1,1043 @@
+"""Activation patching: where in the model an answer is decided, on PyTorch and on the GGUF itself.
+
+Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"), with the
+metrics and normalization of Zhang & Nanda 2023 ("Towards Best Practices of Activation
+Patching"). Two prompts of the same length in tokens: a clean one ("The capital of Germany is")
+and a corrupted one ("The capital of France is"). For every row of the residual stream (row 0 =
+the embeddings, row i = after block i, the lens's rows) and every position, the corrupted prompt
+is run again with that one vector replaced by the clean run's, and the effect on the answer is
+normalized: (patched - corrupted) / (clean - corrupted), 1 = the clean answer fully restored,
+0 = no effect. The same per block for the attention output and the MLP output (what each adds
+to the residual stream), where the runtime can find them.
+
+The technique is written once, here (`patch_with`): validation, which cells to run, the metric,
+the result. A runtime only says how to capture the clean run's vectors and how to run cells of
+the corrupted prompt with vectors written back:
+- `TorchRuntime`: forward hooks on the blocks the hooks backend found (no table of model types);
+  many cells batched into one forward (batch dimension = cells), each starting from the
+  corrupted run's KV cache at the patched position.
+- `LlamaCppRuntime`: llama.cpp's eval callback writing rows of graph nodes (`l_out-{i}`, the
+  embeddings, the attention and MLP outputs found from the graph's structure) on the quantized
+  GGUF; many cells in one decode as separate sequences sharing the corrupted prefix's KV cache.
+
+Cells whose effect is exactly 0 by construction are not run (skip_identical): positions before
+the first differing token (nothing there differs), the embeddings row where the tokens agree,
+and the last block's outputs at any position but the last (they only feed that position's own
+logits).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BadPrompt, BadTarget, LensbenchError, UnsupportedModel
+from .lens import TokenText, row_labels
+from runtime.llama_cpp import GraphContext, NodeCallback, graph_context_params
+
+RESID, ATTN, MLP = "resid", "attn", "mlp"
+TOP_K = 5  # answers shown for the clean and corrupted runs
+# Cells in one PyTorch forward / one llama.cpp decode, and tokens per llama.cpp decode.
+_TORCH_CELLS_PER_FORWARD = 64
+_TORCH_TOKENS_PER_FORWARD = 1024
+_LLAMA_SEQUENCES = 64
+_LLAMA_TOKENS_PER_DECODE = 512
+# A difference between the clean and corrupted metric below this leaves the effect undefined.
+_MIN_DIFFERENCE = 1e-6
+
+
+class PatchCancelled(LensbenchError):
+    """The visitor pressed Stop while the grid was running."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patched run: the clean vector of `site` ("resid", "attn", "mlp") at `row` and `position`.
+
+    Rows: for "resid", 0 = embeddings and i = after block i; for "attn"/"mlp", i = block i (1-based).
+    """
+
+    site: str
+    row: int
+    position: int
+
+
+@dataclass
+class PatchResult:
+    """An activation-patching grid for one clean/corrupted pair of prompts.
+
+    Rows are the lens's rows (row 0 = embeddings, row i = residual stream after block i); columns
+    are every prompt position. `effect` is (patched - corrupted) / (clean - corrupted) of `metric`
+    at the last position: 1 = restores the clean answer, 0 = no effect.
+    """
+
+    model: str
+    backend: str
+    clean_tokens: list[str]
+    corrupt_tokens: list[str]
+    clean_ids: list[int]
+    corrupt_ids: list[int]
+    layers: list[str]  # row labels, as the lens's
+    positions: list[int]
+    metric: str  # e.g. "p(' Berlin')" or "logit(' Berlin') - logit(' Paris')"
+    target: str
+    contrast: str | None
+    clean_value: float
+    corrupt_value: float
+    effect: np.ndarray  # [rows, positions]
+    patched_value: np.ndarray  # [rows, positions], the metric itself
+    patched_top1: list[list[str]]  # [rows][positions], the patched run's top-1 token
+    patched_top1_prob: np.ndarray  # [rows, positions]
+    clean_top: list[tuple[str, float]]  # the clean run's top-k answers (token, probability)
+    corrupt_top: list[tuple[str, float]]
+    attn_effect: np.ndarray | None = None  # [blocks, positions]; None when not computed
+    mlp_effect: np.ndarray | None = None
+    attn_top1: list[list[str]] | None = None
+    mlp_top1: list[list[str]] | None = None
+    sublayer_note: str | None = None  # why there are no sublayer grids, when there are none
+    info: dict = field(default_factory=dict)  # cells run and skipped, seconds
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict:
+        """The CLI's `--json`: clean_tokens, corrupt_tokens, layers, positions, metric, clean_value,
+        corrupt_value, effect [rows][positions], and attn_effect / mlp_effect [blocks][positions]
+        when computed."""
+        out = {
+            "clean_tokens": self.clean_tokens,
+            "corrupt_tokens": self.corrupt_tokens,
+            "layers": self.layers,
+            "positions": [int(p) for p in self.positions],
+            "metric": self.metric,
+            "clean_value": float(self.clean_value),
+            "corrupt_value": float(self.corrupt_value),
+            "effect": self.effect.tolist(),
+        }
+        if self.attn_effect is not None:
+            out["attn_effect"] = self.attn_effect.tolist()
+            out["mlp_effect"] = self.mlp_effect.tolist()
+        return out
+
+    def table(self) -> str:
+        """The residual grid as text: one line a row, one column a position (effects in %)."""
+        width = max(7, *(min(10, len(repr(t))) for t in self.clean_tokens))
+        lines = [
+            f"model: {self.model}   backend: {self.backend}   metric: {self.metric}",
+            f"clean {self.clean_value:.4f} ({_answers(self.clean_top)})   "
+            f"corrupted {self.corrupt_value:.4f} ({_answers(self.corrupt_top)})",
+            "effect of restoring one clean vector: 100 = the clean answer, 0 = none",
+        ]
+
+        def header(tokens) -> str:
+            return f"{'':<12}" + "".join(f"{repr(t)[:width]:>{width + 1}}" for t in tokens)
+
+        lines.append(header(self.clean_tokens))
+        if self.corrupt_tokens != self.clean_tokens:
+            lines.append(header(self.corrupt_tokens))
+
+        def grid(title: str, labels: list[str], values: np.ndarray) -> None:
+            lines.append(title)
+            for r in range(len(labels) - 1, -1, -1):
+                lines.append(f"{labels[r]:<12}" + "".join(f"{100 * v:>{width + 1}.0f}" for v in values[r]))
+
+        grid("residual stream", self.layers, self.effect)
+        blocks = [f"block {i}" for i in range(1, self.n_rows)]
+        if self.attn_effect is not None:
+            grid("attention output", blocks, self.attn_effect)
+            grid("MLP output", blocks, self.mlp_effect)
+        elif self.sublayer_note:
+            lines.append(f"sublayers: {self.sublayer_note}")
+        return "\n".join(lines)
+
+
+def _answers(top: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{t!r} {p:.3f}" for t, p in top[:3])
+
+
+# ==================================================================== the runtime interface
+
+
+@dataclass
+class CleanRun:
+    """What a runtime captured from the clean prompt: per site, vectors [rows, positions, d]
+    (NaN where not captured) and the logits at the last position [vocab]."""
+
+    vectors: dict[str, np.ndarray]
+    logits: np.ndarray
+
+
+class PatchRuntime(Protocol):
+    """How one runtime reads and writes the residual stream (see `TorchRuntime`, `LlamaCppRuntime`)."""
+
+    backend: str
+    n_blocks: int
+
+    def sublayer_problem(self) -> str | None:
+        """None when attention and MLP outputs can be patched, else why not (for a person)."""
+
+    def clean(self, ids: list[int], sublayers: bool) -> CleanRun:
+        """Run the clean prompt; capture every site's vectors at every position."""
+
+    def corrupted(self, ids: list[int]) -> np.ndarray:
+        """Run the corrupted prompt (kept for reuse by `run`); its logits at the last position."""
+
+    def run(self, ids: list[int], cells: Sequence[Cell], clean: CleanRun) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Run the corrupted prompt once per cell with that cell's clean vector written in; yields
+        (indices into `cells`, logits at the last position [n, vocab]) batch by batch."""
+
+
+# ==================================================================== the technique
+
+
+def _metric_fn(target_id: int, contrast_id: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """logits [n, vocab] -> metric [n]: the target's probability, or logit(target) - logit(contrast)."""
+    if contrast_id is not None:
+        return lambda z: (z[:, target_id] - z[:, contrast_id]).astype(np.float64)
+
+    def prob(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64)
+        top = z.max(-1, keepdims=True)
+        return np.exp(z[:, target_id] - top[:, 0]) / np.exp(z - top).sum(-1)
+
+    return prob
+
+
+def _top(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """logits [n, vocab] -> top-k ids and probabilities [n, k]."""
+    z = z.astype(np.float64)
+    ids = np.argsort(-z, axis=-1)[:, :k]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return ids, np.take_along_axis(p, ids, -1)
+
+
+def _describe(tracer, ids: list[int]) -> str:
+    return " ".join(repr(tracer.decode_one(i)) for i in ids)
+
+
+def check_prompts(tracer, clean: str, corrupt: str) -> tuple[list[int], list[int]]:
+    """Token ids of both prompts; BadPrompt when either is empty, they tokenize to different
+    lengths (the message shows both tokenizations), or they are the same tokens."""
+    for name, text in (("clean", clean), ("corrupted", corrupt)):
+        if text is None or not str(text).strip():
+            raise BadPrompt(f"The {name} prompt is empty: type the text to patch.")
+    clean_ids, corrupt_ids = tracer.encode(clean), tracer.encode(corrupt)
+    if len(clean_ids) != len(corrupt_ids):
+        raise BadPrompt(
+            f"The prompts must have the same number of tokens, position by position. The clean prompt is "
+            f"{len(clean_ids)} tokens ({_describe(tracer, clean_ids)}); the corrupted one is {len(corrupt_ids)} "
+            f"({_describe(tracer, corrupt_ids)}). Swap a word for one that is as many tokens."
+        )
+    if clean_ids == corrupt_ids:
+        raise BadPrompt(
+            "The clean and corrupted prompts are the same tokens, so there is nothing to restore (the effect "
+            "is undefined). Change a word in the corrupted prompt, e.g. Germany -> France."
+        )
+    if tracer.context_length and len(clean_ids) > tracer.context_length:
+        raise BadPrompt(f"The prompts are {len(clean_ids)} tokens, longer than the model's context.")
+    return clean_ids, corrupt_ids
+
+
+def plan_cells(
+    n_blocks: int, clean_ids: Sequence[int], corrupt_ids: Sequence[int], sublayers: bool, skip_identical: bool
+) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run, cells whose run is exactly the corrupted run and is skipped).
+
+    Skipped with `skip_identical`: positions before the first differing token; the embeddings
+    row where the tokens agree; the last block's outputs (residual, attention, MLP) at every
+    position but the last, which feed only their own position's logits.
+    """
+    n = len(clean_ids)
+    first = next(i for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)) if a != b)
+    grids = [(RESID, range(n_blocks + 1))]
+    if sublayers:
+        grids += [(ATTN, range(1, n_blocks + 1)), (MLP, range(1, n_blocks + 1))]
+    run, skipped = [], []
+    for site, rows in grids:
+        for row in rows:
+            for p in range(n):
+                cell = Cell(site, row, p)
+                same = (
+                    p < first
+                    or (site == RESID and row == 0 and clean_ids[p] == corrupt_ids[p])
+                    or (row == n_blocks and p != n - 1)
+                )
+                (skipped if skip_identical and same else run).append(cell)
+    return run, skipped
+
+
+def patch_with(
+    runtime,
+    clean: str,
+    corrupt: str,
+    target: str,
+    contrast: str | None = None,
+    *,
+    sublayers: bool = True,
+    skip_identical: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> PatchResult:
+    """Activation patching with an opened tracer (hooks or llama-cpp, see `tracing.open_tracer`)
+    or a `PatchRuntime`.
+
+    clean, corrupt: prompts of the same number of tokens (BadPrompt otherwise, or when equal).
+    target: one token (" Berlin"); contrast: one token (" Paris") or None. The metric at the last
+    position is p(target), or logit(target) - logit(contrast) (in logits) with a contrast.
+    sublayers: also patch each block's attention and MLP outputs, where the runtime finds them
+    (else `sublayer_note` says why).
+    skip_identical: do not run cells that are exactly the corrupted run (see `plan_cells`);
+    their effect is 0 and their top-1 the corrupted run's.
+    progress(fraction, text) is called as the grid runs; setting `cancel` stops it (PatchCancelled).
+    Returns a PatchResult: effect [rows, positions] and, with sublayers, attn_effect and
+    mlp_effect [blocks, positions]. BadTarget when the two prompts give the same metric (the
+    normalized effect is undefined).
+    """
+    from .api import resolve_target
+
+    runtime = runtime if hasattr(runtime, "run") else patch_runtime(runtime)
+    tracer = runtime.tracer
+    clean_ids, corrupt_ids = check_prompts(tracer, clean, corrupt)
+    target_text, target_id = resolve_target(tracer, target)
+    contrast_id = resolve_target(tracer, contrast)[1] if contrast else None
+    if contrast_id == target_id:
+        raise BadTarget("The target and the contrast are the same token: the logit difference is always 0.")
+    problem = runtime.sublayer_problem() if sublayers else None
+    sublayers = sublayers and problem is None
+    metric = _metric_fn(target_id, contrast_id)
+    report = progress or (lambda fraction, text: None)
+    start = time.perf_counter()
+    with tracer.lock():
+        report(0.0, "Running the clean and the corrupted prompts…")
+        captured = runtime.clean(clean_ids, sublayers)
+        corrupt_logits = runtime.corrupted(corrupt_ids)
+        clean_value = float(metric(captured.logits[None])[0])
+        corrupt_value = float(metric(corrupt_logits[None])[0])
+        if abs(clean_value - corrupt_value) < _MIN_DIFFERENCE * max(1.0, abs(clean_value)):
+            what = f"logit({target_text!r}) - logit({contrast!r})" if contrast_id is not None else f"p({target_text!r})"
+            raise BadTarget(
+                f"{what} is the same for both prompts ({clean_value:.6g}), so there is nothing to restore. "
+                "Pick a target the two prompts disagree on."
+            )
+        cells, skipped = plan_cells(runtime.n_blocks, clean_ids, corrupt_ids, sublayers, skip_identical)
+        n_pos, rows = len(clean_ids), runtime.n_blocks + 1
+        values = {site: np.full((rows, n_pos), corrupt_value) for site in (RESID, ATTN, MLP)}
+        corrupt_top1, corrupt_p1 = (a[0, 0] for a in _top(corrupt_logits[None], 1))
+        top1 = {site: np.full((rows, n_pos), corrupt_top1, dtype=np.int64) for site in values}
+        top1_p = {site: np.full((rows, n_pos), corrupt_p1) for site in values}
+        done = 0
+        for indices, logits in runtime.run(corrupt_ids, cells, captured):
+            if cancel is not None and cancel.is_set():
+                raise PatchCancelled("Stopped: the grid was not finished.")
+            m = metric(logits)
+            ids, p = _top(logits, 1)
+            for j, i in enumerate(indices):
+                cell = cells[i]
+                values[cell.site][cell.row, cell.position] = m[j]
+                top1[cell.site][cell.row, cell.position] = ids[j, 0]
+                top1_p[cell.site][cell.row, cell.position] = p[j, 0]
+            done += len(indices)
+            report(done / max(1, len(cells)), f"Patched {done} of {len(cells)} cells…")
+    seconds = time.perf_counter() - start
+    text = TokenText(tracer.decode_one)
+    scale = clean_value - corrupt_value
+
+    def effect(site: str) -> np.ndarray:
+        return (values[site] - corrupt_value) / scale
+
+    def tokens(site: str) -> list[list[str]]:
+        return [[text(i) for i in row] for row in top1[site].tolist()]
+
+    def answers(z: np.ndarray) -> list[tuple[str, float]]:
+        ids, p = _top(z[None], TOP_K)
+        return [(text(i), float(q)) for i, q in zip(ids[0], p[0])]
+
+    name = (
+        f"logit({target_text!r}) - logit({contrast!r})" if contrast_id is not None else f"p({target_text!r})"
+    )
+    return PatchResult(
+        model=tracer.model_name,
+        backend=tracer.backend,
+        clean_tokens=[text(i) for i in clean_ids],
+        corrupt_tokens=[text(i) for i in corrupt_ids],
+        clean_ids=list(clean_ids),
+        corrupt_ids=list(corrupt_ids),
+        layers=row_labels(runtime.n_blocks),
+        positions=list(range(n_pos)),
+        metric=name,
+        target=target_text,
+        contrast=contrast if contrast_id is not None else None,
+        clean_value=clean_value,
+        corrupt_value=corrupt_value,
+        effect=effect(RESID),
+        patched_value=values[RESID],
+        patched_top1=tokens(RESID),
+        patched_top1_prob=top1_p[RESID],
+        clean_top=answers(captured.logits),
+        corrupt_top=answers(corrupt_logits),
+        attn_effect=effect(ATTN)[1:] if sublayers else None,
+        mlp_effect=effect(MLP)[1:] if sublayers else None,
+        attn_top1=tokens(ATTN)[1:] if sublayers else None,
+        mlp_top1=tokens(MLP)[1:] if sublayers else None,
+        sublayer_note=problem,
+        info={"cells_run": len(cells), "cells_skipped": len(skipped), "seconds": round(seconds, 3),
+              **getattr(runtime, "facts", {})},
+    )
+
+
+def patch(
+    clean: str,
+    corrupt: str,
+    target: str,
+    contrast: str | None = None,
+    model=None,
+    backend: str = "hooks",
+    sublayers: bool = True,
+    skip_identical: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    cancel: threading.Event | None = None,
+    **options,
+) -> PatchResult:
+    """Activation patching (Meng et al. 2022; Zhang & Nanda 2023) of `corrupt` with `clean`'s activations.
+
+    model: None for the bundled SmolLM2-135M-Instruct, a file or folder in models/, a path, or a hub id.
+    backend: "hooks" (PyTorch, any decoder the hooks backend traces) or "llama-cpp" (the GGUF itself).
+    options: loading options, e.g. device="cpu". See `patch_with` for the rest and the result.
+
+        >>> r = tracing.patch("The capital of Germany is", "The capital of France is", " Berlin", " Paris")
+        >>> r.effect[0, 3], r.effect[-1, -1]     # the swapped word's embedding; the last row: 1.0, 1.0
+    """
+    from .api import BACKEND_ALIASES, open_tracer
+
+    name = BACKEND_ALIASES.get(backend, backend)
+    if name not in RUNTIMES:
+        raise UnsupportedModel(
+            f"Activation patching runs on the backends {' and '.join(RUNTIMES)}, not '{backend}'."
+        )
+    for text, what in ((clean, "clean"), (corrupt, "corrupted")):
+        if text is None or not str(text).strip():
+            raise BadPrompt(f"The {what} prompt is empty: type the text to patch.")
+    tracer = open_tracer(model, name, **options)
+    return patch_with(tracer, clean, corrupt, target, contrast, sublayers=sublayers,
+                      skip_identical=skip_identical, progress=progress, cancel=cancel)
+
+
+# Backend name -> the PatchRuntime class for its tracer ("module:class" in this file).
+RUNTIMES = {"hooks": "TorchRuntime", "llama-cpp": "LlamaCppRuntime"}
+
+
+def patch_runtime(tracer) -> PatchRuntime:
+    """The patching runtime of an opened tracer, built once per tracer."""
+    cls = RUNTIMES.get(tracer.backend)
+    if cls is None:
+        raise UnsupportedModel(
+            f"Activation patching runs on the backends {' and '.join(RUNTIMES)}, not '{tracer.backend}'."
+        )
+    runtime = getattr(tracer, "_patch_runtime", None)
+    if runtime is None or not runtime.alive():
+        with tracer.lock():
+            runtime = globals()[cls](tracer)
+        tracer._patch_runtime = runtime
+    return runtime
+
+
+# ==================================================================== PyTorch
+
+
+def _first_tensor(output) -> torch.Tensor:
+    from .hooks import _first_tensor as first
+
+    return first(output)
+
+
+def _replace_first(output, hidden: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    raise TypeError(f"cannot patch a {type(output).__name__}")
+
+
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
+_MLP_CLASS_WORDS = ("MLP", "MoE", "Moe", "FeedForward", "SparseMoe")
+
+
+def _sublayer_modules(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The attention and MLP children of a decoder block, by what they are called (one each, or None)."""
+    children = list(block.named_children())
+    attn = [m for _, m in children if "Attention" in type(m).__name__ or "Attn" in type(m).__name__]
+    mlp = [m for n, m in children if n in _MLP_NAMES or any(w in type(m).__name__ for w in _MLP_CLASS_WORDS)]
+    return (attn[0] if len(attn) == 1 else None), (mlp[0] if len(mlp) == 1 else None)
+
+
+def find_sublayers(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Tensor):
+    """Per block, the modules whose outputs are what attention and the MLP add to the residual stream.
+
+    The attention module is the block's child whose class says Attention; the MLP the child named
+    mlp / feed_forward (or typed MLP / MoE / FeedForward). When a norm's input is exactly that
+    module's output (post-norm families: Gemma 2/3, OLMo 2), the norm's output is what is added,
+    so the norm is patched. One probe forward checks that block output = block input + attention
+    + MLP. Returns ([(attn site, mlp site)] per block, None) or (None, why not).
+    """
+    kind = type(blocks[0]).__name__
+    found = [_sublayer_modules(b) for b in blocks]
+    if any(a is None or m is None for a, m in found):
+        return None, (
+            f"the attention and MLP modules of {kind} blocks cannot be found (expected one child whose class "
+            "names Attention and one named mlp or feed_forward), so only the residual stream is patched"
+        )
+    seen: dict[int, dict] = {}
+    handles = []
+
+    def watch(i: int, block: nn.Module, attn: nn.Module, mlp: nn.Module) -> None:
+        record = seen.setdefault(i, {})
+
+        def on_input(_m, args, kwargs):
+            record["in"] = args[0] if args else kwargs.get("hidden_states")
+
+        def on_output(_m, _a, output):
+            record["out"] = _first_tensor(output)
+
+        def on_site(key):
+            def hook(_m, _a, output):
+                record[key] = _first_tensor(output)
+            return hook
+
+        def on_child_input(child):
+            def hook(_m, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                for key in ("attn", "mlp"):
+                    if x is not None and x is record.get(key) and "Norm" in type(child).__name__:
+                        record[f"{key}_post"] = child
+            return hook
+
+        handles.append(block.register_forward_pre_hook(on_input, with_kwargs=True))
+        handles.append(block.register_forward_hook(on_output))
+        handles.append(attn.register_forward_hook(on_site("attn")))
+        handles.append(mlp.register_forward_hook(on_site("mlp")))
+        for _, child in block.named_children():
+            if child is not attn and child is not mlp:
+                handles.append(child.register_forward_pre_hook(on_child_input(child), with_kwargs=True))
+
+    try:
+        for i, (block, (attn, mlp)) in enumerate(zip(blocks, found)):
+            watch(i, block, attn, mlp)
+        with torch.no_grad():
+            # Post-norm outputs are recorded by a second pass once the norms are known.
+            model(input_ids=probe_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    sites = []
+    for i, (attn, mlp) in enumerate(found):
+        record = seen.get(i, {})
+        sites.append((record.get("attn_post", attn), record.get("mlp_post", mlp)))
+    # Check: the block adds exactly these two outputs to its input.
+    outputs: dict[int, dict] = {}
+    handles = []
+    for i, (block, (a, m)) in enumerate(zip(blocks, sites)):
+        slot = outputs.setdefault(i, {})
+        handles.append(a.register_forward_hook(lambda _m, _a, o, s=slot: s.__setitem__("a", _first_tensor(o))))
+        handles.append(m.register_forward_hook(lambda _m, _a, o, s=slot: s.__setitem__("m", _first_tensor(o))))
+    try:
+        with torch.no_grad():
+            model(input_ids=probe_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    worst = 0.0
+    for i in range(len(blocks)):
+        x, y = seen[i].get("in"), seen[i].get("out")
+        a, m = outputs[i].get("a"), outputs[i].get("m")
+        if any(t is None for t in (x, y, a, m)) or a.shape != y.shape or m.shape != y.shape:
+            worst = float("inf")
+            break
+        scale = float(y.float().abs().max().clamp_min(1e-6))
+        worst = max(worst, float((x.float() + a.float() + m.float() - y.float()).abs().max()) / scale)
+    if not worst < 1e-4:
+        return None, (
+            f"a {kind} block's output is not its input plus its attention and MLP outputs (relative error "
+            f"{worst:.1e}), so patching them separately would not mean what it says; only the residual "
+            "stream is patched"
+        )
+    return sites, None
+
+
+class TorchRuntime:
+    """Patching on a transformers model with forward hooks on the hooks backend's blocks.
+
+    Cells run in batches (batch dimension = cells) that share a patched position p: each batch
+    starts from a copy of the corrupted run's KV cache cut at p and runs only tokens p.. (the
+    positions before p are the corrupted run's), with every cell's clean vector written at its
+    row by a hook. Models whose cache cannot be cut run the whole prompt per cell instead.
+    """
+
+    backend = "hooks"
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+        self.model = tracer.lens.model
+        self.parts = tracer.lens.parts
+        self.blocks = self.parts.blocks
+        self.n_blocks = len(self.blocks)
+        self.device = next(self.model.parameters()).device
+        self._sites, self._problem = find_sublayers(self.model, self.blocks, tracer.probe_ids())
+        self._cache = None
+        self._corrupt_ids: list[int] | None = None
+        self.facts = {"prefix_reuse": True}
+
+    def alive(self) -> bool:
+        return True
+
+    def sublayer_problem(self) -> str | None:
+        return self._problem
+
+    def _modules(self, site: str, row: int) -> tuple[nn.Module, bool]:
+        """(module, whether its input (pre-hook) rather than its output is the vector)."""
+        if site == RESID:
+            return (self.blocks[0], True) if row == 0 else (self.blocks[row - 1], False)
+        attn, mlp = self._sites[row - 1]
+        return (attn if site == ATTN else mlp), False
+
+    def _keep(self) -> dict:
+        """Only the last position's logits are needed (when the model's forward allows saying so)."""
+        return {"logits_to_keep": 1} if self.tracer.lens._keep_arg else {}
+
+    def clean(self, ids: list[int], sublayers: bool) -> CleanRun:
+        sites = [(RESID, r) for r in range(self.n_blocks + 1)]
+        if sublayers:
+            sites += [(s, r) for s in (ATTN, MLP) for r in range(1, self.n_blocks + 1)]
+        kept: dict[tuple[str, int], torch.Tensor] = {}
+        handles = []
+        for site, row in sites:
+            module, is_input = self._modules(site, row)
+            if is_input:
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, a, k, key=(site, row): kept.__setitem__(key, (a[0] if a else k["hidden_states"])[0]),
+                    with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda _m, _a, o, key=(site, row): kept.__setitem__(key, _first_tensor(o)[0])))
+        try:
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False,
+                                    **self._keep()).logits
+        finally:
+            for h in handles:
+                h.remove()
+        d = kept[(RESID, 0)].shape[-1]
+        out = {site: torch.full((self.n_blocks + 1, len(ids), d), float("nan"), device=self.device)
+               for site in (RESID, ATTN, MLP) if site == RESID or sublayers}
+        for (site, row), value in kept.items():
+            out[site][row] = value.float()
+        self._clean_tensors = out  # [rows, positions, d] per site; rows of attn/mlp start at 1
+        vectors = {site: tensor.cpu().numpy() for site, tensor in out.items()}
+        return CleanRun(vectors, logits[0, -1].float().cpu().numpy())
+
+    def corrupted(self, ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            try:
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **self._keep())
+                cache = out.past_key_values
+                self._cache = cache if cache is not None and getattr(cache, "is_croppable", True) else None
+            except (TypeError, ValueError):
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, **self._keep())
+                self._cache = None
+        self.facts = {"prefix_reuse": self._cache is not None}
+        self._corrupt_ids = list(ids)
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def _past(self, p: int, batch: int):
+        if self._cache is None or p == 0:
+            return None
+        past = copy.deepcopy(self._cache)
+        past.crop(-(len(self._corrupt_ids) - p))  # transformers 5: a negative count of tokens to remove
+        past.batch_repeat_interleave(batch)
+        return past
+
+    def run(self, ids, cells, clean):
+        clean_t = self._clean_tensors
+        by_position: dict[int, list[int]] = {}
+        for i, cell in enumerate(cells):
+            by_position.setdefault(cell.position, []).append(i)
+        full = torch.tensor([ids], device=self.device)
+        for p in sorted(by_position):
+            reuse = self._cache is not None and p > 0
+            length = len(ids) - p if reuse else len(ids)
+            per_forward = max(1, min(_TORCH_CELLS_PER_FORWARD, _TORCH_TOKENS_PER_FORWARD // length))
+            members = by_position[p]
+            for b0 in range(0, len(members), per_forward):
+                chunk = members[b0 : b0 + per_forward]
+                local = 0 if reuse else p
+                groups: dict[tuple[str, int], list[int]] = {}
+                for j, i in enumerate(chunk):
+                    cell = cells[i]
+                    groups.setdefault((cell.site, cell.row), []).append(j)
+                handles = []
+                for (site, row), js in groups.items():
+                    module, is_input = self._modules(site, row)
+                    index = torch.tensor(js, device=self.device)
+                    value = clean_t[site][row, p].to(self._dtype())
+
+                    def write(hidden, index=index, value=value):
+                        hidden = hidden.clone()
+                        hidden[index, local] = value
+                        return hidden
+
+                    if is_input:
+                        def pre(_m, args, kwargs, write=write):
+                            if args:
+                                return (write(args[0]), *args[1:]), kwargs
+                            return args, {**kwargs, "hidden_states": write(kwargs["hidden_states"])}
+                        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                    else:
+                        handles.append(module.register_forward_hook(
+                            lambda _m, _a, o, write=write: _replace_first(o, write(_first_tensor(o)))))
+                try:
+                    with torch.no_grad():
+                        tokens = full[:, p:] if reuse else full
+                        tokens = tokens.expand(len(chunk), -1)
+                        past = self._past(p, len(chunk)) if reuse else None
+                        kwargs = {**self._keep(), "use_cache": past is not None}
+                        if past is not None:
+                            kwargs["past_key_values"] = past
+                        logits = self.model(input_ids=tokens, **kwargs).logits[:, -1]
+                finally:
+                    for h in handles:
+                        h.remove()
+                yield chunk, logits.float().cpu().numpy()
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+# ==================================================================== llama.cpp
+
+
+@dataclass
+class _Site:
+    """A graph node to patch: its name, and (when two nodes share the name) its op and first source."""
+
+    name: str
+    op: str
+    src0: str
+
+
+def _graph_nodes(graph, ids: list[int]) -> list[tuple[int, str, str, list[int], list[str]]]:
+    """Every node of one decode of `ids` (last token as output): (address, name, op, source addresses, source names)."""
+    from runtime.ggml import GGML_MAX_SRC, TensorView
+
+    nodes = []
+
+    def record(address: int) -> None:
+        view = TensorView(address)
+        sources, names = [], []
+        for i in range(GGML_MAX_SRC):
+            src = view.src(i)
+            if src is not None:
+                sources.append(ctypes.cast(src.ptr, ctypes.c_void_p).value)
+                names.append(src.name)
+        nodes.append((address, view.name, view.op, sources, names))
+
+    callback = graph.callback
+    saved, callback.handlers = callback.handlers, {}
+    callback.recorder = record
+    try:
+        graph.clear()
+        graph.decode(ids, 0, [False] * (len(ids) - 1) + [True])
+    finally:
+        callback.recorder, callback.handlers = None, saved
+        graph.clear()
+    return nodes
+
+
+def find_graph_sublayers(graph, n_blocks: int, embeddings: str, ids: list[int]):
+    """Per block, the graph nodes holding what attention and the MLP add to the residual stream.
+
+    Found from the graph's structure, not from names alone: the residual after attention is the
+    ADD that the block's MLP output is added to (named `ffn_inp-{i}`, or `sa_out-{i}` in Gemma 3);
+    its other source is the attention output (`attn_out-{i}`, or `attn_post_norm-{i}` in
+    post-norm families; in the last block through a GET_ROWS of the requested outputs); the
+    other source of the ADD that ends the block is the MLP output (`ffn_out-{i}`,
+    `ffn_post_norm-{i}`, `ffn_moe_out-{i}`, Scout's `ffn_moe_out_merged-{i}`). Returns
+    ([(attn site, mlp site)] per block, None) or (None, why not).
+    """
+    nodes = _graph_nodes(graph, ids)
+    by_address = {n[0]: n for n in nodes}
+
+    def source_of(node, i):
+        return by_address.get(node[3][i])
+
+    sites = []
+    for i in range(n_blocks):
+        previous = embeddings if i == 0 else f"l_out-{i - 1}"
+        end = next((n for n in nodes if n[1] == f"l_out-{i}"), None)
+        # Walk back from the block output through non-ADD wrappers (control vector) to the final ADD.
+        while end is not None and end[2] != "ADD" and end[3]:
+            end = source_of(end, 0)
+        if end is None or len(end[3]) != 2:
+            return None, f"llama.cpp's graph does not end block {i} in an addition to the residual stream"
+        mid_index = None
+        for k in range(2):
+            node = source_of(end, k)
+            if node is None:
+                continue
+            # The residual after attention: an ADD one of whose sources leads back to the previous residual.
+            if node[2] == "ADD" and any(_leads_to(by_address, s, previous) for s in node[3]):
+                mid_index = k
+        if mid_index is None:
+            return None, f"llama.cpp's graph has no residual after attention in block {i}"
+        mid = source_of(end, mid_index)
+        mlp = source_of(end, 1 - mid_index)
+        attn = next((by_address[s] for s in mid[3] if not _leads_to(by_address, s, previous)), None)
+        while attn is not None and attn[2] == "GET_ROWS":  # the last block keeps only the output rows
+            attn = source_of(attn, 0)
+        if attn is None or mlp is None or not attn[1] or not mlp[1]:
+            return None, f"llama.cpp's graph does not name block {i}'s attention or MLP output"
+        sites.append(tuple(_Site(n[1], n[2], n[4][0] if n[4] else "") for n in (attn, mlp)))
+    return sites, None
+
+
+def _leads_to(by_address, address, name: str, depth: int = 3) -> bool:
+    """Whether the node at `address` is `name`, or a GET_ROWS / copy of it (a few steps back)."""
+    node = by_address.get(address)
+    for _ in range(depth):
+        if node is None:
+            return False
+        if node[1] == name:
+            return True
+        if node[2] not in ("GET_ROWS", "CONT", "CPY", "VIEW", "RESHAPE") or not node[3]:
+            return False
+        node = by_address.get(node[3][0])
+    return False
+
+
+class LlamaCppRuntime:
+    """Patching on the quantized GGUF with llama.cpp's eval callback writing graph rows.
+
+    A context of its own on the shared model, with many sequences in one KV cache: sequence 0
+    holds the corrupted run; a cell at position p is a sequence that shares positions 0..p-1 of
+    it (`llama_memory_seq_cp`, no copy) and decodes only tokens p..; up to 64 cells go into one
+    decode, and the node handlers write each cell's clean row at its token of the batch.
+    """
+
+    backend = "llama-cpp"
+
+    def __init__(self, tracer):
+        from llama_cpp import llama_cpp as C
+
+        self._C = C
+        self.tracer = tracer
+        self.shared = tracer.shared
+        self.n_blocks = tracer.n_blocks
+        self.d_model = tracer.d_model
+        self.graph = MultiSequenceContext(self.shared, _LLAMA_TOKENS_PER_DECODE, _LLAMA_SEQUENCES + 1)
+        layout = self.graph.layout()
+        self.embeddings = layout.embeddings
+        self._sites, self._problem = find_graph_sublayers(
+            self.graph, self.n_blocks, self.embeddings, (tracer.encode("The lens") + [0, 0])[:3])
+        self._clean: dict[tuple[str, int], np.ndarray] = {}
+        self.facts = {"sequences_per_decode": _LLAMA_SEQUENCES}
+
+    def alive(self) -> bool:
+        return self.graph.alive and not self.shared.closed
+
+    def sublayer_problem(self) -> str | None:
+        return self._problem
+
+    def _node(self, site: str, row: int) -> _Site:
+        if site == RESID:
+            return _Site(self.embeddings if row == 0 else f"l_out-{row - 1}", "", "")
+        return self._sites[row - 1][0 if site == ATTN else 1]
+
+    def _handlers(self, nodes: dict[tuple[str, int], _Site], on_node) -> dict[bytes, Callable]:
+        """name -> handler calling on_node(key, view) for the right node among those sharing the name."""
+        by_name: dict[str, list[tuple[tuple[str, int], _Site]]] = {}
+        for key, site in nodes.items():
+            by_name.setdefault(site.name, []).append((key, site))
+
+        def handler_for(entries):
+            def handler(view):
+                for key, site in entries:
+                    if site.op and (view.op != site.op or (view.src(0).name if view.src(0) else "") != site.src0):
+                        continue
+                    on_node(key, view)
+            return handler
+
+        return {name.encode(): handler_for(entries) for name, entries in by_name.items()}
+
+    def clean(self, ids: list[int], sublayers: bool) -> CleanRun:
+        keys = [(RESID, r) for r in range(self.n_blocks + 1)]
+        if sublayers:
+            keys += [(s, r) for s in (ATTN, MLP) for r in range(1, self.n_blocks + 1)]
+        n = len(ids)
+        vectors = {s: np.full((self.n_blocks + 1, n, self.d_model), np.nan, np.float32)
+                   for s in (RESID, ATTN, MLP) if s == RESID or sublayers}
+
+        def read(key, view):
+            rows, width = view.shape
+            if rows == n:
+                vectors[key[0]][key[1]] = view.rows(0, n)
+            elif rows == 1:  # the last block: only the requested output, the last position
+                vectors[key[0]][key[1], n - 1] = view.rows(0, 1)[0]
+
+        graph = self.graph
+        graph.ensure(n)
+        graph.callback.handlers = self._handlers({k: self._node(*k) for k in keys}, read)
+        try:
+            graph.clear()
+            graph.decode(ids, 0, [i == n - 1 for i in range(n)])
+            logits = graph.logits(n - 1).copy()
+        finally:
+            graph.callback.handlers = {}
+        self._vectors = vectors
+        return CleanRun(vectors, logits)
+
+    def corrupted(self, ids: list[int]) -> np.ndarray:
+        graph = self.graph
+        graph.clear()
+        graph.decode(ids, 0, [i == len(ids) - 1 for i in range(len(ids))])
+        return graph.logits(len(ids) - 1).copy()
+
+    def run(self, ids, cells, clean):
+        C, graph = self._C, self.graph
+        memory = C.llama_get_memory(graph.ctx)
+        n = len(ids)
+        # Longest suffixes first, so the batches fill evenly.
+        order = sorted(range(len(cells)), key=lambda i: cells[i].position)
+        batch: list[int] = []
+        tokens = 0
+        for i in order + [None]:
+            length = n - cells[i].position if i is not None else 0
+            if i is None or len(batch) == _LLAMA_SEQUENCES or tokens + length > graph.n_ubatch:
+                if batch:
+                    yield batch, self._decode_cells(memory, ids, [cells[j] for j in batch])
+                batch, tokens = [], 0
+            if i is not None:
+                batch.append(i)
+                tokens += length
+
+    def _decode_cells(self, memory, ids, cells: list[Cell]) -> np.ndarray:
+        C, graph = self._C, self.graph
+        n = len(ids)
+        tokens, positions, sequences, outputs, offsets = [], [], [], [], []
+        for s, cell in enumerate(cells, start=1):
+            C.llama_memory_seq_rm(memory, s, -1, -1)
+            if cell.position > 0:
+                C.llama_memory_seq_cp(memory, 0, s, 0, cell.position)
+            offsets.append(len(tokens))
+            for p in range(cell.position, n):
+                tokens.append(ids[p])
+                positions.append(p)
+                sequences.append(s)
+                outputs.append(p == n - 1)
+        writes: dict[tuple[str, int], list[int]] = {}
+        for c, cell in enumerate(cells):
+            writes.setdefault((cell.site, cell.row), []).append(c)
+        n_tokens = len(tokens)
+
+        def write(key, view):
+            rows, _ = view.shape
+            for c in writes[key]:
+                cell = cells[c]
+                value = self._vectors[cell.site][cell.row, cell.position][None]
+                if rows == n_tokens:
+                    view.write_rows(offsets[c], value)
+                elif rows == len(cells) and cell.position == n - 1:  # only the outputs: one a cell
+                    view.write_rows(c, value)
+                elif rows != len(cells):
+                    raise UnsupportedModel(f"llama.cpp's {view.name} has {rows} rows for {n_tokens} tokens.")
+
+        graph.callback.handlers = self._handlers({k: self._node(*k) for k in writes}, write)
+        try:
+            graph.decode_sequences(tokens, positions, sequences, outputs)
+            # A cell's logits are its last token's, at its batch index.
+            logits = np.stack([graph.logits(offsets[c] + n - cell.position - 1).copy()
+                               for c, cell in enumerate(cells)])
+        finally:
+            graph.callback.handlers = {}
+            for s in range(1, len(cells) + 1):
+                C.llama_memory_seq_rm(memory, s, -1, -1)
+        return logits
+
+
+class MultiSequenceContext(GraphContext):
+    """A `runtime.llama_cpp.GraphContext` whose KV cache holds `sequences` sequences in one buffer
+    (`kv_unified`, so sharing a prefix copies nothing) and decodes batches mixing them, at most
+    `tokens_per_decode` tokens a decode."""
+
+    def __init__(self, shared, tokens_per_decode: int, sequences: int):
+        from llama_cpp import llama_cpp as C
+
+        self._C = C
+        self.shared = shared
+        self.callback = NodeCallback()
+        self.model = shared.llama.model
+        self._sequences = sequences
+        self._tokens_per_decode = tokens_per_decode
+        self.ctx = None
+        self.n_ctx = 0
+        self._make(64)
+
+    def _make(self, prompt_tokens: int) -> None:
+        C = self._C
+        self.close()
+        wanted = prompt_tokens + self._tokens_per_decode + 64
+        params = graph_context_params(self.shared.llama, wanted, self._tokens_per_decode)
+        params.n_ctx = max(int(params.n_ctx), wanted)
+        params.n_batch = params.n_ubatch = self._tokens_per_decode
+        params.n_seq_max = self._sequences
+        params.kv_unified = True
+        params.cb_eval = self.callback.c_function
+        params.cb_eval_user_data = None
+        ctx = C.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise UnsupportedModel(f"llama.cpp could not create a context of {params.n_ctx} tokens for patching.")
+        self.ctx = ctx
+        self.n_ctx = int(C.llama_n_ctx(ctx))
+        self.n_ubatch = int(C.llama_n_ubatch(ctx))
+        self.n_vocab = int(C.llama_vocab_n_tokens(C.llama_model_get_vocab(self.model)))
+        self._batch = C.llama_batch_init(self.n_ubatch, 0, 1)
+        self._prompt_tokens = prompt_tokens
+
+    def ensure(self, prompt_tokens: int) -> None:
+        """Room for a prompt of `prompt_tokens` plus a full decode of cells."""
+        if prompt_tokens > self.n_ubatch:
+            raise BadPrompt(f"Patching on llama.cpp takes prompts of at most {self.n_ubatch} tokens.")
+        if prompt_tokens > self._prompt_tokens:
+            self._make(prompt_tokens)
+
+    def decode_sequences(self, tokens, positions, sequences, outputs) -> None:
+        """One decode of tokens belonging to several sequences (`tokens` at most `n_ubatch`)."""
+        C, batch = self._C, self._batch
+        n = len(tokens)
+        for i in range(n):
+            batch.token[i] = int(tokens[i])
+            batch.pos[i] = int(positions[i])
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = int(sequences[i])
+            batch.logits[i] = bool(outputs[i])
+        batch.n_tokens = n
+        self.callback.error = None
+        status = C.llama_decode(self.ctx, batch)
+        if self.callback.error is not None:
+            error, self.callback.error = self.callback.error, None
+            raise error
+        if status != 0:
+            raise UnsupportedModel(f"llama.cpp failed to evaluate the patched runs (llama_decode returned {status}).")
+
+
+__all__ = ["patch", "patch_with", "PatchResult", "PatchCancelled", "Cell", "plan_cells", "check_prompts",
+           "TorchRuntime", "LlamaCppRuntime", "find_sublayers", "find_graph_sublayers", "patch_runtime"]
