@@ -3,6 +3,7 @@
     >>> import tracing
     >>> result = tracing.trace("The capital of Germany is", target=" Berlin")
     >>> print(result.table())
+    >>> grid = tracing.patch("The capital of Germany is", "The capital of France is", " Berlin", " Paris")
 
 Backends return the same `LensResult`; errors a user can cause are `LensbenchError`s.
 The names below load on first use, so `import tracing.models` (as chat/ does) never pays for
@@ -26,6 +27,9 @@ _LAZY = {
     "backend_names": "api",
     "LensResult": "lens",
     "TargetTrace": "lens",
+    "patch": "patching",
+    "patch_with": "patching",
+    "PatchResult": "patching",
 }
 
 

@@ -596,6 +596,7 @@ class TorchRuntime:
         self._sites, self._problem = find_sublayers(self.model, self.blocks, tracer.probe_ids())
         self._cache = None
         self._corrupt_ids: list[int] | None = None
+        self.prefix_reuse = True  # False: every cell runs the whole prompt (tests, the benchmark)
         self.facts = {"prefix_reuse": True}
 
     def alive(self) -> bool:
@@ -651,7 +652,8 @@ class TorchRuntime:
             try:
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **self._keep())
                 cache = out.past_key_values
-                self._cache = cache if cache is not None and getattr(cache, "is_croppable", True) else None
+                croppable = cache is not None and getattr(cache, "is_croppable", True)
+                self._cache = cache if croppable and self.prefix_reuse else None
             except (TypeError, ValueError):
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, **self._keep())
                 self._cache = None
