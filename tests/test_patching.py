@@ -265,3 +265,26 @@ def test_plan_skips_only_what_cannot_change():
     assert ("resid", 0, 2) in cells and ("resid", 0, 3) not in cells and ("resid", 1, 1) not in cells
     assert ("resid", 3, 3) in cells and ("resid", 3, 2) not in cells and ("mlp", 3, 2) not in cells
     assert ("attn", 2, 3) in cells and len(run) + len(skipped) == 4 * 4 + 2 * 3 * 4
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_command_line_json_and_errors(smollm2_llama_cpp, capsys):
+    import json
+
+    from tracing.__main__ import main
+
+    args = ["patch", "--backend", "llama-cpp", "--clean", CLEAN, "--corrupt", CORRUPT, "--target", TARGET]
+    assert main(args + ["--contrast", CONTRAST, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data) == ["clean_tokens", "corrupt_tokens", "layers", "positions", "metric", "clean_value",
+                          "corrupt_value", "effect", "attn_effect", "mlp_effect"]
+    assert data["metric"] == "logit(' Berlin') - logit(' Paris')" and len(data["attn_effect"]) == 30
+    assert main(args + ["--no-sublayers"]) == 0
+    table = capsys.readouterr().out
+    assert "residual stream" in table and "embeddings" in table and "MLP output" not in table
+    assert main(["patch", "--clean", CLEAN, "--corrupt", "The capital of the UK is", "--target", TARGET,
+                 "--backend", "llama-cpp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: The prompts must have the same number of tokens") and err.count("\n") == 1

@@ -1,5 +1,7 @@
 """Command line: `python -m tracing --prompt TEXT [--model M] [--backend hooks] ...`.
 
+Subcommands: `train-lens` (a tuned lens), `patch` (activation patching, tracing/patching.py).
+
 Prints a per-layer table at the last position, or with --json exactly `LensResult.to_dict()`.
 Errors a user can cause are one line on stderr and exit status 2, never a traceback.
 """
@@ -66,7 +68,11 @@ def run_lens(argv: list[str]) -> int:
 
 
 # Subcommands besides the default lens: name -> "module:function" taking argv, returning an exit code.
-COMMANDS = {"lens": "tracing.__main__:run_lens", "train-lens": "tracing.train_lens:run_train_lens"}
+COMMANDS = {
+    "lens": "tracing.__main__:run_lens",
+    "train-lens": "tracing.train_lens:run_train_lens",
+    "patch": "tracing.patching:run_patch",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1041,5 +1041,48 @@ class MultiSequenceContext(GraphContext):
             raise UnsupportedModel(f"llama.cpp failed to evaluate the patched runs (llama_decode returned {status}).")
 
 
+# ==================================================================== command line
+
+
+def run_patch(argv: list[str]) -> int:
+    """`python -m tracing patch --clean TEXT --corrupt TEXT --target TOKEN [...]`: the grid as a
+    table, or with --json exactly `PatchResult.to_dict()`."""
+    import argparse
+    import json
+    import sys
+
+    from .models import ignoring_memory_check, print_memory_warnings
+
+    parser = argparse.ArgumentParser(
+        prog="python -m tracing patch",
+        description="Activation patching: restore one vector of the clean run inside the corrupted run, for "
+                    "every layer and position, and see how much of the clean answer comes back.",
+    )
+    parser.add_argument("--clean", required=True, help="the clean prompt, e.g. 'The capital of Germany is'")
+    parser.add_argument("--corrupt", required=True, help="the corrupted prompt, as many tokens, e.g. 'The capital of France is'")
+    parser.add_argument("--target", required=True, help="the clean answer, one token, e.g. ' Berlin'")
+    parser.add_argument("--contrast", default=None, help="the corrupted answer, one token, e.g. ' Paris': "
+                        "the metric becomes the logit difference target - contrast")
+    parser.add_argument("--model", default=None, help="a file or folder in models/, a path, or a hub id (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--backend", default="hooks", help=f"one of: {', '.join(RUNTIMES)} (default: hooks)")
+    parser.add_argument("--no-sublayers", action="store_true", help="only the residual stream, not attention and MLP outputs")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (hooks; default: the best available)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--ignore-memory-check", action="store_true",
+                        help="load the model even if it looks bigger than this machine's memory")
+    args = parser.parse_args(argv)
+    options = {"device": args.device} if args.device and args.backend != "llama-cpp" else {}
+    print_memory_warnings()
+    with ignoring_memory_check(args.ignore_memory_check):
+        result = patch(args.clean, args.corrupt, args.target, args.contrast, model=args.model,
+                       backend=args.backend, sublayers=not args.no_sublayers, **options)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(result.table())
+    return 0
+
+
 __all__ = ["patch", "patch_with", "PatchResult", "PatchCancelled", "Cell", "plan_cells", "check_prompts",
            "TorchRuntime", "LlamaCppRuntime", "find_sublayers", "find_graph_sublayers", "patch_runtime"]

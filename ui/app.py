@@ -1,4 +1,4 @@
-"""The Gradio app: a Lens tab, a Chat tab and a Compare tab, wired to `tracing` and `chat`.
+"""The Gradio app: Lens, Chat, Compare and Patch tabs, wired to `tracing` and `chat`.
 
 `LensApp` holds the tab functions (plain methods, callable in-process and by the tests);
 `build_app` lays out the components and connects them. Every error a visitor can cause
@@ -34,6 +34,15 @@ LENS_EXAMPLES = [
     ["The chemical symbol for gold is", " Au"],
     ["The opposite of hot is", " cold"],
     ["One, two, three, four,", " five"],
+]
+
+# Clean prompt, corrupted prompt, target (the clean answer), contrast (the corrupted answer). The
+# prompts of a pair must be as many tokens: "Berlin is the capital of" is 'Ber' 'lin' ... but
+# "Paris is ..." starts with one token, so the reverse direction names the city mid-sentence.
+PATCH_EXAMPLES = [
+    ["The capital of Germany is", "The capital of France is", " Berlin", " Paris"],
+    ["The city of Berlin is the capital of", "The city of Paris is the capital of", " Germany", " France"],
+    ["The Eiffel Tower is in the city of", "The Brandenburg Gate is in the city of", " Paris", " Berlin"],
 ]
 
 # A backend the selected model cannot use stays in the switch, greyed out and not clickable; the
@@ -285,10 +294,57 @@ class LensApp:
         text = "\n\n".join(f"**{name}**  \n{tables.summary(t.result, -1, t.labels)}" for name, t in sides)
         return text, chart, maps[0], maps[1]
 
+    # ---------------------------------------------------------------- Patch tab
+
+    def patch_backend_choices(self, model) -> tuple[list, dict]:
+        """The backends activation patching runs on, marked as the Lens tab marks them."""
+        from tracing.patching import RUNTIMES
+
+        choices, reasons = self.catalog.backend_choices(model)
+        return [c for c in choices if c[1] in RUNTIMES], {b: r for b, r in reasons.items() if b in RUNTIMES}
+
+    def patch_model_changed(self, model, backend):
+        choices, reasons = self.patch_backend_choices(model)
+        usable = [b for _, b in choices if b not in reasons]
+        return gr.update(choices=choices, value=backend if backend in usable else (usable[0] if usable else backend))
+
+    @user_errors
+    def patch(self, clean, corrupt, target, contrast, model, backend, sublayers=True, ignore_memory=False,
+              request: gr.Request = None, progress=gr.Progress()):
+        """Activation patching: the corrupted prompt run again with one vector of the clean run
+        restored, for every layer and position. Returns the answers and metric (markdown), the
+        residual-stream heatmap, and the attention and MLP heatmaps."""
+        from tracing.patching import RUNTIMES, patch_with
+
+        clean, corrupt = self._check_prompt(clean), self._check_prompt(corrupt)
+        if not (target or "").strip():
+            raise LensbenchError("Type the clean answer as the target token, e.g. ' Berlin' (with its leading space).")
+        if backend not in RUNTIMES:
+            raise LensbenchError(f"Activation patching runs on {' and '.join(map(backend_label, RUNTIMES))}.")
+        tracer = self._open(model, backend, progress, ignore_memory)
+        n = len(tracer.encode(clean))
+        if n > self.settings.max_prompt_tokens:
+            raise LensbenchError(
+                f"The prompt is {n} tokens; this app patches at most {self.settings.max_prompt_tokens}. Shorten it.")
+        cancel = self._cancel_event(request, "patch:")
+        result = patch_with(tracer, clean, corrupt, target, contrast or None, sublayers=bool(sublayers),
+                            progress=_sub_progress(progress, 0.1, 0.9), cancel=cancel)
+        labels = TokenLabels(byte_lookup(tracer)).frozen()
+        return (tables.patch_summary(result, labels), plots.patch_heatmap(result, "resid", labels),
+                plots.patch_heatmap(result, "attn", labels), plots.patch_heatmap(result, "mlp", labels))
+
+    def stop_patch(self, request: gr.Request = None) -> None:
+        """Stop this visitor's patching grid (after the batch of cells running now)."""
+        key = "patch:" + (getattr(request, "session_hash", None) or "local")
+        with self._cancels_lock:
+            event = self._cancels.get(key)
+        if event is not None:
+            event.set()
+
     # ---------------------------------------------------------------- Chat tab
 
-    def _cancel_event(self, request: gr.Request | None) -> threading.Event:
-        key = getattr(request, "session_hash", None) or "local"
+    def _cancel_event(self, request: gr.Request | None, kind: str = "") -> threading.Event:
+        key = kind + (getattr(request, "session_hash", None) or "local")
         with self._cancels_lock:
             event = self._cancels[key] = threading.Event()
             return event
@@ -402,7 +458,7 @@ def _sub_progress(progress, start: float, span: float):
 
 
 def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
-    """Lay out the three tabs and connect every control to a `LensApp` method."""
+    """Lay out the tabs and connect every control to a `LensApp` method."""
     app = LensApp(settings)
     s = app.settings
     catalog = app.catalog
@@ -521,6 +577,44 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
                     c_map_a = gr.Plot(label="A")
                     c_map_b = gr.Plot(label="B")
 
+            # ------------------------------------------------------------ Patch
+            with gr.Tab("Patch", id="patch", elem_id="tab-patch"):
+                gr.Markdown(
+                    "**Activation patching** (causal tracing): where in the model is the answer decided? The "
+                    "corrupted prompt is run again with one vector from the clean run put back, for every layer "
+                    "and position; a cell shows how much of the clean answer that restores (100% = all of it)."
+                )
+                patch_choices, patch_reasons = app.patch_backend_choices(default_model)
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=320):
+                        p_clean = gr.Textbox(label="Clean prompt", value=PATCH_EXAMPLES[0][0],
+                                             max_length=s.max_prompt_chars, elem_id="patch-clean")
+                        p_corrupt = gr.Textbox(label="Corrupted prompt (as many tokens)", value=PATCH_EXAMPLES[0][1],
+                                               max_length=s.max_prompt_chars, elem_id="patch-corrupt")
+                        with gr.Row():
+                            p_target = gr.Textbox(label="Target (clean answer)", value=PATCH_EXAMPLES[0][2],
+                                                  elem_id="patch-target")
+                            p_contrast = gr.Textbox(label="Contrast (corrupted answer, optional)",
+                                                    value=PATCH_EXAMPLES[0][3], elem_id="patch-contrast",
+                                                    info="With a contrast: logit difference; without: probability.")
+                        p_model = gr.Dropdown(model_names, value=default_model, label="Model",
+                                              allow_custom_value=s.allow_custom_models, elem_id="patch-model")
+                        p_backend = gr.Radio(patch_choices,
+                                             value=next((b for _, b in patch_choices if b not in patch_reasons), "hooks"),
+                                             label="Runtime", elem_id="patch-backend")
+                        p_sublayers = gr.Checkbox(True, label="Also attention and MLP outputs (3x the cells)")
+                        with gr.Row():
+                            patch_button = gr.Button("Patch", variant="primary", elem_id="patch-run")
+                            patch_stop = gr.Button("Stop", elem_id="patch-stop")
+                        patch_examples = gr.Examples(PATCH_EXAMPLES, [p_clean, p_corrupt, p_target, p_contrast],
+                                                     label="Examples (click to run)")
+                    with gr.Column(scale=3):
+                        p_summary = gr.Markdown(elem_id="patch-summary")
+                        p_resid = gr.Plot(label="Residual stream: layers × positions", elem_id="patch-heatmap")
+                        with gr.Row():
+                            p_attn = gr.Plot(label="Attention output", elem_id="patch-attn")
+                            p_mlp = gr.Plot(label="MLP output", elem_id="patch-mlp")
+
         # ---------------------------------------------------------------- wiring
         memory_box.change(lambda on: bool(on), memory_box, ignore_memory, api_visibility="private", queue=False)
         lens_inputs = [prompt, model, backend, top_k, temperature, target, metric, ignore_memory]
@@ -566,6 +660,15 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
         if compare_examples is not None:
             compare_examples.load_input_event.then(app.compare, compare_inputs, compare_outputs,
                                                    api_visibility="private", **heavy)
+        patch_inputs = [p_clean, p_corrupt, p_target, p_contrast, p_model, p_backend, p_sublayers, ignore_memory]
+        patch_outputs = [p_summary, p_resid, p_attn, p_mlp]
+        patch_button.click(app.patch, patch_inputs, patch_outputs, api_name="patch",
+                           show_progress_on=[p_resid], **heavy)
+        patch_examples.load_input_event.then(app.patch, patch_inputs, patch_outputs, api_visibility="private",
+                                             show_progress_on=[p_resid], **heavy)
+        patch_stop.click(app.stop_patch, None, None, api_name="stop_patch", queue=False)
+        p_model.change(app.patch_model_changed, [p_model, p_backend], [p_backend], api_visibility="private",
+                       concurrency_limit=None)
         # On each page load: the models in models/ now (a file added after start shows up on reload).
         demo.load(app.refresh_models, [model, chat_model, model_a, model_b], [model, chat_model, model_a, model_b],
                   api_visibility="private", concurrency_limit=None)

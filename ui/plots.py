@@ -224,3 +224,77 @@ def target_chart(results: list[tuple[str, LensResult]], position: int = -1) -> g
         margin=dict(l=10, r=10, t=50, b=10),
     )
     return fig
+
+
+# ---------------------------------------------------------------- activation patching
+
+PATCH_GRIDS = {
+    "resid": "residual stream",
+    "attn": "attention output",
+    "mlp": "MLP output",
+}
+
+
+def _token_pair(result, p: int, labels: TokenLabels) -> str:
+    clean = _html(labels(result.clean_tokens[p], result.clean_ids[p]))
+    corrupt = _html(labels(result.corrupt_tokens[p], result.corrupt_ids[p]))
+    return clean if clean == corrupt else f"{clean} / {corrupt}"
+
+
+def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None) -> go.Figure:
+    """A PatchResult's effect grid, rows × positions, in a diverging scale centred on 0 (1 = the
+    clean answer restored, 0 = none, below 0 = further from it). `grid`: "resid" (rows: embeddings,
+    layer 1..N), "attn" or "mlp" (rows: block 1..N). Hover: the effect, the patched metric and
+    the patched run's top-1 token. A figure saying why, when the sublayer grids are missing."""
+    labels = labels or TokenLabels()
+    title = PATCH_GRIDS[grid]
+    if grid == "resid":
+        z, tops, rows = result.effect, result.patched_top1, list(result.layers)
+        values = result.patched_value
+    else:
+        z = result.attn_effect if grid == "attn" else result.mlp_effect
+        tops = result.attn_top1 if grid == "attn" else result.mlp_top1
+        rows = [f"block {i}" for i in range(1, result.n_rows)]
+        values = None
+    if z is None:
+        fig = go.Figure()
+        fig.add_annotation(text=_html(f"No {title} grid: {result.sublayer_note or 'not computed'}."),
+                           showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=13))
+        fig.update_layout(height=200, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                          margin=dict(l=10, r=10, t=30, b=10))
+        return fig
+    n_rows, n_cols = z.shape
+    cols = [f"{p}: {_token_pair(result, p, labels)}" for p in result.positions]
+    hover = []
+    for r in range(n_rows):
+        line = []
+        for c in range(n_cols):
+            parts = [f"<b>{rows[r]}</b> · {title} at <b>{cols[c]}</b>",
+                     f"effect {100 * z[r, c]:.1f}% of the way from corrupted to clean"]
+            if values is not None:
+                parts.append(f"{_html(result.metric)} = {values[r, c]:.4g}")
+            parts.append(f"patched top-1: {_html(labels(tops[r][c]))}")
+            line.append("<br>".join(parts))
+        hover.append(line)
+    bound = max(1.0, float(np.nanmax(np.abs(z))))
+    labelled = n_cols <= _MAX_LABELLED_COLUMNS
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(n_cols)), y=list(range(n_rows)),
+        text=[[f"{100 * v:.0f}" for v in row] for row in z] if labelled else None,
+        texttemplate="%{text}" if labelled else None, textfont=dict(size=9),
+        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
+        colorscale="RdBu", zmid=0.0, zmin=-bound, zmax=bound,
+        colorbar=dict(title=dict(text="effect", side="right"), tickformat=".0%"),
+        xgap=1, ygap=1,
+    ))
+    fig.update_layout(
+        title=dict(text=f"patching the {title} · {_html(result.metric)} · {_html(result.model)} · {result.backend}",
+                   font=dict(size=14)),
+        xaxis=dict(tickmode="array", tickvals=list(range(n_cols)), ticktext=cols,
+                   title="position (clean / corrupted token)", tickangle=-40 if n_cols > 6 else 0),
+        yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=rows, title=None),
+        height=max(360, min(1400, 120 + 20 * n_rows)),
+        margin=dict(l=10, r=10, t=50, b=10),
+        hoverlabel=dict(font=dict(family="monospace", size=12), align="left"),
+    )
+    return fig

@@ -143,3 +143,24 @@ def write_csv(result: LensResult, path: Path) -> None:
                     zip(result.topk_tokens[r][c], result.topk_ids[r, c], result.topk_probs[r, c]), 1
                 ):
                     out.writerow([r, layer, kind, pos, result.tokens[pos], k, tok, int(tid), float(p), *tail])
+
+
+def patch_summary(result, labels: TokenLabels | None = None) -> str:
+    """The clean and corrupted answers and the metric, above the patching heatmaps (markdown)."""
+    labels = labels or TokenLabels()
+
+    def answers(top) -> str:
+        return ", ".join(f"`{labels(t)}` {_pct(p)}" for t, p in top[:3])
+
+    info = result.info
+    lines = [
+        f"**Clean** answers {answers(result.clean_top)} · **corrupted** answers {answers(result.corrupt_top)}",
+        f"Metric `{result.metric}`: clean {result.clean_value:.4g}, corrupted {result.corrupt_value:.4g}. "
+        "Each cell: the corrupted prompt run again with that one vector taken from the clean run; "
+        "100% = the clean answer fully restored, 0 = no effect.",
+        f"{info.get('cells_run', 0)} cells run, {info.get('cells_skipped', 0)} known without running "
+        f"(nothing differs there yet), {info.get('seconds', 0):.1f} s.",
+    ]
+    if result.sublayer_note:
+        lines.append(f"Sublayers: {result.sublayer_note}.")
+    return "  \n".join(lines)
