@@ -122,11 +122,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LENSBENCH_CACHE", CACHE_DIR))
 
 
+# llama.cpp's spelling of an architecture -> transformers', where they differ (transformers renames
+# them the same way in `load_gguf_checkpoint`).
+_LLAMA_CPP_ARCHITECTURE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
 def gguf_architectures_transformers_loads() -> set[str]:
-    """GGUF `general.architecture` values transformers can dequantize into PyTorch."""
+    """GGUF `general.architecture` values (as llama.cpp writes them) transformers can dequantize into PyTorch."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}  # those two are metadata sections
+    known = set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}  # those two are metadata sections
+    return known | {ours for ours, theirs in _LLAMA_CPP_ARCHITECTURE_NAMES.items() if theirs in known}
 
 
 class _ModelCache:
