@@ -675,6 +675,7 @@ class TorchRuntime:
         for i, cell in enumerate(cells):
             by_position.setdefault(cell.position, []).append(i)
         full = torch.tensor([ids], device=self.device)
+        self.facts["tokens_run"] = 0
         for p in sorted(by_position):
             reuse = self._cache is not None and p > 0
             length = len(ids) - p if reuse else len(ids)
@@ -716,6 +717,7 @@ class TorchRuntime:
                         if past is not None:
                             kwargs["past_key_values"] = past
                         logits = self.model(input_ids=tokens, **kwargs).logits[:, -1]
+                        self.facts["tokens_run"] += int(tokens.numel())
                 finally:
                     for h in handles:
                         h.remove()
@@ -919,6 +921,7 @@ class LlamaCppRuntime:
         n = len(ids)
         # Longest suffixes first, so the batches fill evenly.
         order = sorted(range(len(cells)), key=lambda i: cells[i].position)
+        self.facts["tokens_run"] = sum(n - cell.position for cell in cells)
         batch: list[int] = []
         tokens = 0
         for i in order + [None]:
