@@ -35,8 +35,10 @@ from bench.measure import interleaved_medians_ms, resident  # noqa: E402
 CLEAN = "My friend lives in the capital of Germany. The city is called"
 CORRUPT = "My friend lives in the capital of France. The city is called"
 TARGET, CONTRAST = " Berlin", " Paris"
-# Llama 4 Scout's text model, for the on-paper projection.
-SCOUT = {"layers": 48, "d_model": 5120, "active_params": 17.2e9}
+# Llama 4 Scout's text model, for the on-paper projection: 17.2B active parameters a token, of which
+# 2 x 202,048 x 5120 = 2.07B are the embedding (looked up, not multiplied) and the output matrix
+# (multiplied once a cell, for its last token): 15.1B in the blocks.
+SCOUT = {"layers": 48, "d_model": 5120, "block_params": 15.1e9}
 
 
 def forward_fn(tracer, ids):
@@ -137,12 +139,12 @@ def _gguf() -> str:
 
 
 def scout_on_paper(llama: dict, positions: int = 13) -> dict:
-    """Scout's clean capture and a cell's cost, from the SmolLM2 measurement (compute scales with
-    active parameters per token)."""
+    """Scout's clean capture and a cell's cost, from the SmolLM2 measurement (a token's compute
+    scales with the parameters its blocks multiply: 106.7M for SmolLM2, 15.1B for Scout)."""
     rows = SCOUT["layers"] + 1
     capture = (rows + 2 * SCOUT["layers"]) * positions * SCOUT["d_model"] * 4
-    smol_active = 135e6 - 49152 * 576  # SmolLM2's blocks (its tied embedding is looked up, not multiplied)
-    per_token_ms = llama["grid_ms"] / llama["tokens_run"] * SCOUT["active_params"] / smol_active
+    smol_blocks = 134.5e6 - 49152 * 576  # SmolLM2's blocks (its tied embedding is looked up, not multiplied)
+    per_token_ms = llama["grid_ms"] / llama["tokens_run"] * SCOUT["block_params"] / smol_blocks
     return {
         "capture_bytes_13_tokens": capture,
         "capture_bytes_per_position": capture // positions,

@@ -221,6 +221,22 @@ def test_gemma3_gguf_identities(gemma3_llama_cpp):
     assert np.abs(result.effect[:, :position]).max() < 5e-3 and np.abs(result.mlp_effect[:, :position]).max() < 5e-3
 
 
+def test_scout_layout_gguf_mixture_of_experts_sublayers_and_identities():
+    """A tiny model in Llama 4 Scout's layout (llama4: dense and MoE blocks with a shared expert),
+    converted by llama.cpp's own converter to float32: the MoE block's MLP output is the merged
+    experts + shared expert, and the identities hold to float32 precision."""
+    converted_models = pytest.importorskip("tests.converted_models")
+    tracer = tracing.open_tracer(str(converted_models.converted("llama4")), "llama-cpp")
+    runtime = patch_runtime(tracer)
+    assert runtime.sublayer_problem() is None
+    assert [s.name for s in runtime._sites[0]] == ["attn_out-0", "ffn_out-0"]  # a dense block
+    assert [s.name for s in runtime._sites[-1]] == ["attn_out-3", "ffn_moe_out_merged-3"]
+    result = patch_with(tracer, CLEAN, CORRUPT, TARGET, CONTRAST, skip_identical=False)
+    assert abs(result.effect[0, GERMANY] - 1) < 1e-4 and abs(result.effect[-1, -1] - 1) < 1e-4
+    for grid in (result.effect, result.attn_effect, result.mlp_effect):
+        assert np.abs(grid[:, :GERMANY]).max() < 1e-4
+
+
 # ---------------------------------------------------------------- what a person can get wrong
 
 
