@@ -84,3 +84,19 @@ def test_the_tab_is_laid_out_with_its_examples_and_api():
     assert values["patch-clean"] == "The capital of Germany is" and values["patch-target"] == " Berlin"
     assert values["patch-corrupt"] == "The capital of France is" and values["patch-contrast"] == " Paris"
     assert any(d.get("api_name") == "patch" for d in config["dependencies"])
+
+
+def test_patch_over_http(demo_server):
+    from gradio_client import Client
+
+    url, _ = demo_server
+    client = Client(url, verbose=False)
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/patch"]
+    assert [p["parameter_name"] for p in endpoint["parameters"]] == [
+        "clean", "corrupt", "target", "contrast", "model", "backend", "sublayers"]
+    summary, resid, attn, mlp = client.predict(*PATCH_EXAMPLES[0], DEFAULT_MODEL_NAME, "llama-cpp", False,
+                                               api_name="/patch")
+    assert "**Clean** answers `␣Berlin`" in summary and "Sublayers" not in summary
+    with pytest.raises(Exception, match="same number of tokens"):
+        client.predict("The capital of Germany is", "The capital of the UK is", " Berlin", "", DEFAULT_MODEL_NAME,
+                       "hooks", True, api_name="/patch")
