@@ -20,7 +20,6 @@ import tracing
 from tracing.errors import BadPrompt, BadTarget, UnsupportedModel
 from tracing.patching import (
     PatchCancelled,
-    find_graph_sublayers,
     find_sublayers,
     patch_runtime,
     patch_with,
@@ -169,6 +168,20 @@ def test_same_effects_as_transformer_lens_patching(tiny_loaded, arch):
     np.testing.assert_allclose(result.attn_effect, attn, atol=1e-4, rtol=0)
     np.testing.assert_allclose(result.mlp_effect, mlp, atol=1e-4, rtol=0)
     assert np.abs(result.effect).max() > 0.2 and np.abs(result.mlp_effect).max() > 0.05  # not a grid of zeros
+
+
+def test_a_prompt_longer_than_a_sliding_window_runs_whole_prompts(tiny_loaded):
+    """Gemma 3's sliding-window layers keep only the last window of keys and values, which cannot be
+    cut back to an earlier position: past the window, every cell runs the whole prompt, and the
+    identities still hold."""
+    from tracing.hooks import HooksTracer
+
+    tracer = tiny_loaded("gemma3_text").adapter("hooks", HooksTracer)  # sliding window 16
+    words = [f"w{i}" for i in range(20, 40)]
+    short = patch_with(tracer, " ".join(words[:6]), " ".join(["w50"] + words[1:6]), "w12", "w13")
+    long = patch_with(tracer, " ".join(words), " ".join(["w50"] + words[1:]), "w12", "w13")
+    assert short.info["prefix_reuse"] is True and long.info["prefix_reuse"] is False
+    assert abs(long.effect[0, 0] - 1) < 1e-4 and abs(long.effect[-1, -1] - 1) < 1e-4
 
 
 def metric_of(logits):

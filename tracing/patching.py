@@ -653,6 +653,11 @@ class TorchRuntime:
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **self._keep())
                 cache = out.past_key_values
                 croppable = cache is not None and getattr(cache, "is_croppable", True)
+                # A sliding-window layer that has dropped tokens cannot be cut back to an earlier position.
+                windows = [getattr(layer, "sliding_window", None) for layer in getattr(cache, "layers", [])
+                           if getattr(layer, "is_sliding", False)]
+                if any(w is None or len(ids) >= w - 1 for w in windows):
+                    croppable = False
                 self._cache = cache if croppable and self.prefix_reuse else None
             except (TypeError, ValueError):
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False, **self._keep())
