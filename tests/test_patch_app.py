@@ -84,6 +84,9 @@ def test_the_tab_is_laid_out_with_its_examples_and_api():
     assert values["patch-clean"] == "The capital of Germany is" and values["patch-target"] == " Berlin"
     assert values["patch-corrupt"] == "The capital of France is" and values["patch-contrast"] == " Paris"
     assert any(d.get("api_name") == "patch" for d in config["dependencies"])
+    # each page load reads models/ again, for the Patch tab's picker too
+    *_, patch_picker = app.refresh_models(None, None, None, None, "gone.gguf")
+    assert DEFAULT_MODEL_NAME in patch_picker["choices"] and patch_picker["value"] == DEFAULT_MODEL_NAME
 
 
 def test_patch_over_http(demo_server):

@@ -265,14 +265,15 @@ class LensApp:
         usable = [b for _, b in choices if b not in reasons]
         return gr.update(value=usable[0] if usable else None)
 
-    def refresh_models(self, lens_model, chat_model, model_a, model_b):
+    def refresh_models(self, lens_model, chat_model, model_a, model_b, patch_model=None):
         """The model pickers' lists, read again from models/ (selections kept while still listed)."""
         names, gguf = self.catalog.names(), self.catalog.names(gguf_only=True)
 
         def keep(value, options, gguf_only=False):
             return gr.update(choices=options, value=value if value in options else self.catalog.default_name(gguf_only))
 
-        return keep(lens_model, names), keep(chat_model, gguf, True), keep(model_a, names), keep(model_b, names)
+        return (keep(lens_model, names), keep(chat_model, gguf, True), keep(model_a, names), keep(model_b, names),
+                keep(patch_model, names))
 
     # ---------------------------------------------------------------- Compare tab
 
@@ -670,7 +671,8 @@ def build_app(settings: Settings | None = None) -> tuple[gr.Blocks, LensApp]:
         p_model.change(app.patch_model_changed, [p_model, p_backend], [p_backend], api_visibility="private",
                        concurrency_limit=None)
         # On each page load: the models in models/ now (a file added after start shows up on reload).
-        demo.load(app.refresh_models, [model, chat_model, model_a, model_b], [model, chat_model, model_a, model_b],
+        pickers = [model, chat_model, model_a, model_b, p_model]
+        demo.load(app.refresh_models, pickers, pickers,
                   api_visibility="private", concurrency_limit=None)
         demo.load(app.chat_model_changed, chat_model, chat_facts, api_visibility="private", concurrency_limit=None)
     return demo, app
