@@ -42,8 +42,8 @@ def test_the_first_example_on_pytorch(app):
     assert z[0, 3] == pytest.approx(1, abs=1e-4) and z[-1, -1] == pytest.approx(1, abs=1e-4)
     assert (z[:, :3] == 0).all()
     assert heat.colorscale[0][1] != heat.colorscale[-1][1] and heat.zmid == 0 and heat.zmin == -heat.zmax
-    assert "patched top-1: ␣Berlin" in heat.hovertext[-1][-1]
-    assert "patched top-1: ␣Paris" in heat.hovertext[10][0]  # nothing restored before ' Germany'
+    assert "patched run: ␣Berlin 79.6%  ␣Hamburg 2.7%" in heat.hovertext[-1][-1]
+    assert "patched run: ␣Paris 77" in heat.hovertext[10][0]  # nothing restored before ' Germany'
     assert "3: ␣Germany / ␣France" in out["resid"].layout.xaxis.ticktext
     for name in ("attn", "mlp"):
         assert np.asarray(out[name].data[0].z).shape == (30, 5)

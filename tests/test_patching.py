@@ -57,6 +57,9 @@ def check_identities(result, tolerance):
     assert abs(result.effect[0, GERMANY] - 1) < tolerance  # the embedding of ' Germany' restores everything
     assert abs(result.effect[-1, -1] - 1) < tolerance  # the last row at the last position is the clean output
     assert result.patched_top1[-1][-1] == " Berlin" and result.patched_top1[0][GERMANY] == " Berlin"
+    top = result.patched_topk[-1][-1]  # the clean run's answers, restored
+    assert [t for t, _ in top] == [t for t, _ in result.clean_top[:3]]
+    assert [p for _, p in top] == pytest.approx([p for _, p in result.clean_top[:3]], abs=1e-3)
     for grid in (result.effect, result.attn_effect, result.mlp_effect):
         assert np.abs(grid[:, :GERMANY]).max() < tolerance  # nothing before the first difference matters
     # and the corrupted answer stays where nothing changed

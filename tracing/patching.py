@@ -45,6 +45,7 @@ from runtime.llama_cpp import GraphContext, NodeCallback, graph_context_params
 
 RESID, ATTN, MLP = "resid", "attn", "mlp"
 TOP_K = 5  # answers shown for the clean and corrupted runs
+PATCHED_K = 3  # answers kept for every patched run (the heatmap's hover)
 # Cells in one PyTorch forward / one llama.cpp decode, and tokens per llama.cpp decode.
 _TORCH_CELLS_PER_FORWARD = 64
 _TORCH_TOKENS_PER_FORWARD = 1024
@@ -96,12 +97,15 @@ class PatchResult:
     patched_value: np.ndarray  # [rows, positions], the metric itself
     patched_top1: list[list[str]]  # [rows][positions], the patched run's top-1 token
     patched_top1_prob: np.ndarray  # [rows, positions]
+    patched_topk: list[list[list[tuple[str, float]]]]  # [rows][positions][k]: (token, probability)
     clean_top: list[tuple[str, float]]  # the clean run's top-k answers (token, probability)
     corrupt_top: list[tuple[str, float]]
     attn_effect: np.ndarray | None = None  # [blocks, positions]; None when not computed
     mlp_effect: np.ndarray | None = None
     attn_top1: list[list[str]] | None = None
     mlp_top1: list[list[str]] | None = None
+    attn_topk: list[list[list[tuple[str, float]]]] | None = None  # [blocks][positions][k]
+    mlp_topk: list[list[list[tuple[str, float]]]] | None = None
     sublayer_note: str | None = None  # why there are no sublayer grids, when there are none
     info: dict = field(default_factory=dict)  # cells run and skipped, seconds
 
@@ -215,7 +219,8 @@ def _metric_fn(target_id: int, contrast_id: int | None) -> Callable[[np.ndarray]
 def _top(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """logits [n, vocab] -> top-k ids and probabilities [n, k]."""
     z = z.astype(np.float64)
-    ids = np.argsort(-z, axis=-1)[:, :k]
+    ids = np.argpartition(-z, k - 1, axis=-1)[:, :k]
+    ids = np.take_along_axis(ids, np.argsort(-np.take_along_axis(z, ids, -1), axis=-1), -1)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return ids, np.take_along_axis(p, ids, -1)
@@ -332,20 +337,20 @@ def patch_with(
         cells, skipped = plan_cells(runtime.n_blocks, clean_ids, corrupt_ids, sublayers, skip_identical)
         n_pos, rows = len(clean_ids), runtime.n_blocks + 1
         values = {site: np.full((rows, n_pos), corrupt_value) for site in (RESID, ATTN, MLP)}
-        corrupt_top1, corrupt_p1 = (a[0, 0] for a in _top(corrupt_logits[None], 1))
-        top1 = {site: np.full((rows, n_pos), corrupt_top1, dtype=np.int64) for site in values}
-        top1_p = {site: np.full((rows, n_pos), corrupt_p1) for site in values}
+        corrupt_ids_k, corrupt_p_k = (a[0] for a in _top(corrupt_logits[None], PATCHED_K))
+        top_ids = {site: np.tile(corrupt_ids_k, (rows, n_pos, 1)) for site in values}  # [rows, positions, k]
+        top_p = {site: np.tile(corrupt_p_k, (rows, n_pos, 1)) for site in values}
         done = 0
         for indices, logits in runtime.run(corrupt_ids, cells, captured):
             if cancel is not None and cancel.is_set():
                 raise PatchCancelled("Stopped: the grid was not finished.")
             m = metric(logits)
-            ids, p = _top(logits, 1)
+            ids, p = _top(logits, PATCHED_K)
             for j, i in enumerate(indices):
                 cell = cells[i]
                 values[cell.site][cell.row, cell.position] = m[j]
-                top1[cell.site][cell.row, cell.position] = ids[j, 0]
-                top1_p[cell.site][cell.row, cell.position] = p[j, 0]
+                top_ids[cell.site][cell.row, cell.position] = ids[j]
+                top_p[cell.site][cell.row, cell.position] = p[j]
             done += len(indices)
             report(done / max(1, len(cells)), f"Patched {done} of {len(cells)} cells…")
     seconds = time.perf_counter() - start
@@ -356,7 +361,11 @@ def patch_with(
         return (values[site] - corrupt_value) / scale
 
     def tokens(site: str) -> list[list[str]]:
-        return [[text(i) for i in row] for row in top1[site].tolist()]
+        return [[text(cell[0]) for cell in row] for row in top_ids[site].tolist()]
+
+    def topk(site: str) -> list[list[list[tuple[str, float]]]]:
+        return [[[(text(i), q) for i, q in zip(ci, cp)] for ci, cp in zip(ri, rp)]
+                for ri, rp in zip(top_ids[site].tolist(), top_p[site].tolist())]
 
     def answers(z: np.ndarray) -> list[tuple[str, float]]:
         ids, p = _top(z[None], TOP_K)
@@ -382,13 +391,16 @@ def patch_with(
         effect=effect(RESID),
         patched_value=values[RESID],
         patched_top1=tokens(RESID),
-        patched_top1_prob=top1_p[RESID],
+        patched_top1_prob=top_p[RESID][:, :, 0],
+        patched_topk=topk(RESID),
         clean_top=answers(captured.logits),
         corrupt_top=answers(corrupt_logits),
         attn_effect=effect(ATTN)[1:] if sublayers else None,
         mlp_effect=effect(MLP)[1:] if sublayers else None,
         attn_top1=tokens(ATTN)[1:] if sublayers else None,
         mlp_top1=tokens(MLP)[1:] if sublayers else None,
+        attn_topk=topk(ATTN)[1:] if sublayers else None,
+        mlp_topk=topk(MLP)[1:] if sublayers else None,
         sublayer_note=problem,
         info={"cells_run": len(cells), "cells_skipped": len(skipped), "seconds": round(seconds, 3),
               **getattr(runtime, "facts", {})},

@@ -245,15 +245,15 @@ def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None
     """A PatchResult's effect grid, rows × positions, in a diverging scale centred on 0 (1 = the
     clean answer restored, 0 = none, below 0 = further from it). `grid`: "resid" (rows: embeddings,
     layer 1..N), "attn" or "mlp" (rows: block 1..N). Hover: the effect, the patched metric and
-    the patched run's top-1 token. A figure saying why, when the sublayer grids are missing."""
+    the patched run's top-3 tokens. A figure saying why, when the sublayer grids are missing."""
     labels = labels or TokenLabels()
     title = PATCH_GRIDS[grid]
     if grid == "resid":
-        z, tops, rows = result.effect, result.patched_top1, list(result.layers)
+        z, tops, rows = result.effect, result.patched_topk, list(result.layers)
         values = result.patched_value
     else:
         z = result.attn_effect if grid == "attn" else result.mlp_effect
-        tops = result.attn_top1 if grid == "attn" else result.mlp_top1
+        tops = result.attn_topk if grid == "attn" else result.mlp_topk
         rows = [f"block {i}" for i in range(1, result.n_rows)]
         values = None
     if z is None:
@@ -273,7 +273,7 @@ def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None
                      f"effect {100 * z[r, c]:.1f}% of the way from corrupted to clean"]
             if values is not None:
                 parts.append(f"{_html(result.metric)} = {values[r, c]:.4g}")
-            parts.append(f"patched top-1: {_html(labels(tops[r][c]))}")
+            parts.append("patched run: " + "  ".join(f"{_html(labels(t))} {_pct(q)}" for t, q in tops[r][c]))
             line.append("<br>".join(parts))
         hover.append(line)
     bound = max(1.0, float(np.nanmax(np.abs(z))))
