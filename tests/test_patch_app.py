@@ -67,6 +67,13 @@ def test_mistakes_are_messages_in_the_page(app):
     assert "Runtime" not in error_message(lambda: run(app, *PATCH_EXAMPLES[0], backend="tuned-lens"))
 
 
+def test_a_public_link_patches_short_prompts_only():
+    public = LensApp(Settings.for_launch(public=True))
+    long = "The capital of Germany is a city. " * 6 + "The capital of Germany is"
+    message = error_message(lambda: run(public, long, long.replace("Germany is a", "France is a", 1), " Berlin", ""))
+    assert "this app patches at most 32" in message
+
+
 def test_stop_ends_the_grid(app):
     def progress(fraction, desc=None):
         if fraction > 0.2:

@@ -45,6 +45,8 @@ PATCH_EXAMPLES = [
     ["The Eiffel Tower is in the city of", "The Brandenburg Gate is in the city of", " Paris", " Berlin"],
 ]
 
+PUBLIC_PATCH_TOKENS = 32
+
 # A backend the selected model cannot use stays in the switch, greyed out and not clickable; the
 # reason is written under it (and the server refuses it too).
 CSS = """
@@ -324,9 +326,11 @@ class LensApp:
             raise LensbenchError(f"Activation patching runs on {' and '.join(map(backend_label, RUNTIMES))}.")
         tracer = self._open(model, backend, progress, ignore_memory)
         n = len(tracer.encode(clean))
-        if n > self.settings.max_prompt_tokens:
-            raise LensbenchError(
-                f"The prompt is {n} tokens; this app patches at most {self.settings.max_prompt_tokens}. Shorten it.")
+        # A grid runs up to (layers + 1) x 3 x tokens forwards: on a public link, short prompts only.
+        limit = min(self.settings.max_prompt_tokens, PUBLIC_PATCH_TOKENS) if self.settings.public \
+            else self.settings.max_prompt_tokens
+        if n > limit:
+            raise LensbenchError(f"The prompt is {n} tokens; this app patches at most {limit}. Shorten it.")
         cancel = self._cancel_event(request, "patch:")
         result = patch_with(tracer, clean, corrupt, target, contrast or None, sublayers=bool(sublayers),
                             progress=_sub_progress(progress, 0.1, 0.9), cancel=cancel)
