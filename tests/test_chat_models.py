@@ -219,6 +219,11 @@ def test_split_gguf_loads_and_answers_like_the_single_file(tmp_path):
     assert split.files == 3 and split.parameters == single.parameters and split.quantization == single.quantization
 
     options = dict(temperature=0.8, seed=11, max_tokens=24)
+    # Both from an empty KV cache: a prefix cached by an earlier test is evaluated in other batches,
+    # and float rounding then decides near-ties of the sampler differently.
+    single_model = load(None)
+    with single_model.lock:
+        single_model.llama.reset()
     assert chat(str(first), GERMANY, **options) == chat(None, GERMANY, **options)
 
     with pytest.raises(BadModelFile, match="give the first part, 'smol-split-00001-of-00003.gguf'"):
