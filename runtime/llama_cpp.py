@@ -428,21 +428,27 @@ def graph_context_params(llama, n_tokens: int, ubatch: int = 128):
 class GraphContext:
     """A llama.cpp context of our own on a shared model, with read/write access to graph nodes.
 
-    Its own KV cache (sized to `n_tokens`), one sequence, `callback.handlers` choosing which nodes
-    to read or write. The weights are the shared model's: nothing is loaded twice. Hold
+    Its own KV cache (sized to `n_tokens`), one sequence or `sequences` sharing one buffer,
+    `callback.handlers` choosing which nodes to read or write. The weights are the shared model's: nothing is loaded twice. Hold
     `shared.lock` while using it; `close()` frees it (the model stays loaded).
     """
 
-    def __init__(self, shared: SharedLlama, n_tokens: int, ubatch: int = 128):
+    def __init__(self, shared: SharedLlama, n_tokens: int, ubatch: int = 128, sequences: int = 1):
         from llama_cpp import llama_cpp as C
 
         self._C = C
         self.shared = shared
         self.callback = NodeCallback()
+        self.model = shared.llama.model
+        self.sequences = sequences
         params = graph_context_params(shared.llama, n_tokens, ubatch)
+        if sequences > 1:
+            # One KV buffer for all sequences: sharing a prefix (llama_memory_seq_cp) copies nothing.
+            params.n_ctx = max(int(params.n_ctx), n_tokens)
+            params.n_seq_max = sequences
+            params.kv_unified = True
         params.cb_eval = self.callback.c_function
         params.cb_eval_user_data = None
-        self.model = shared.llama.model
         ctx = C.llama_init_from_model(self.model, params)
         if not ctx:
             raise UnsupportedModel(f"llama.cpp could not create a context of {params.n_ctx} tokens for tracing.")
@@ -457,24 +463,30 @@ class GraphContext:
         return self.ctx is not None and not self.shared.closed
 
     def clear(self) -> None:
-        """Forget every position (the KV cache); the next decode starts a new text."""
+        """Forget every position of every sequence (the KV cache); the next decode starts a new text."""
         self._C.llama_memory_clear(self._C.llama_get_memory(self.ctx), True)
 
     def decode(self, ids, start: int, outputs) -> None:
-        """Run `ids` (at most `n_ubatch` tokens) at positions start, start + 1, ...; `outputs[i]`:
-        whether llama.cpp computes logits (and keeps the last block's rows) for token i.
+        """Run `ids` (at most `n_ubatch` tokens) of sequence 0 at positions start, start + 1, ...;
+        `outputs[i]`: whether llama.cpp computes logits (and keeps the last block's rows) for token i.
 
         Raises what a node handler raised, or UnsupportedModel when llama.cpp fails.
         """
-        C, batch = self._C, self._batch
         n = len(ids)
+        self.decode_batch(ids, range(start, start + n), [0] * n, outputs)
+
+    def decode_batch(self, tokens, positions, sequences, outputs) -> None:
+        """One decode of tokens that may belong to several sequences (at most `n_ubatch` tokens):
+        token i at position `positions[i]` of sequence `sequences[i]` (< `self.sequences`)."""
+        C, batch = self._C, self._batch
+        n = len(tokens)
         if not 0 < n <= self.n_ubatch:
             raise ValueError(f"a decode takes 1 to {self.n_ubatch} tokens, not {n}")
         for i in range(n):
-            batch.token[i] = int(ids[i])
-            batch.pos[i] = start + i
+            batch.token[i] = int(tokens[i])
+            batch.pos[i] = int(positions[i])
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
+            batch.seq_id[i][0] = int(sequences[i])
             batch.logits[i] = bool(outputs[i])
         batch.n_tokens = n
         self.callback.error = None

@@ -41,7 +41,7 @@ from torch import nn
 
 from .errors import BadPrompt, BadTarget, LensbenchError, UnsupportedModel
 from .lens import TokenText, row_labels
-from runtime.llama_cpp import GraphContext, NodeCallback, graph_context_params
+from runtime.llama_cpp import GraphContext
 
 RESID, ATTN, MLP = "resid", "attn", "mlp"
 TOP_K = 5  # answers shown for the clean and corrupted runs
@@ -864,7 +864,7 @@ class LlamaCppRuntime:
         self.shared = tracer.shared
         self.n_blocks = tracer.n_blocks
         self.d_model = tracer.d_model
-        self.graph = MultiSequenceContext(self.shared, _LLAMA_TOKENS_PER_DECODE, _LLAMA_SEQUENCES + 1)
+        self._contexts = MultiSequenceContext(self.shared, _LLAMA_TOKENS_PER_DECODE, _LLAMA_SEQUENCES + 1)
         layout = self.graph.layout()
         self.embeddings = layout.embeddings
         self._sites, self._problem = find_graph_sublayers(
@@ -872,8 +872,13 @@ class LlamaCppRuntime:
         self._clean: dict[tuple[str, int], np.ndarray] = {}
         self.facts = {"sequences_per_decode": _LLAMA_SEQUENCES}
 
+    @property
+    def graph(self) -> GraphContext:
+        """The current llama.cpp context (re-made larger by `MultiSequenceContext.ensure`)."""
+        return self._contexts.graph
+
     def alive(self) -> bool:
-        return self.graph.alive and not self.shared.closed
+        return self.graph is not None and self.graph.alive and not self.shared.closed
 
     def sublayer_problem(self) -> str | None:
         return self._problem
@@ -914,8 +919,7 @@ class LlamaCppRuntime:
             elif rows == 1:  # the last block: only the requested output, the last position
                 vectors[key[0]][key[1], n - 1] = view.rows(0, 1)[0]
 
-        graph = self.graph
-        graph.ensure(n)
+        graph = self._contexts.ensure(n)
         graph.callback.handlers = self._handlers({k: self._node(*k) for k in keys}, read)
         try:
             graph.clear()
@@ -984,7 +988,7 @@ class LlamaCppRuntime:
 
         graph.callback.handlers = self._handlers({k: self._node(*k) for k in writes}, write)
         try:
-            graph.decode_sequences(tokens, positions, sequences, outputs)
+            graph.decode_batch(tokens, positions, sequences, outputs)
             # A cell's logits are its last token's, at its batch index.
             logits = np.stack([graph.logits(offsets[c] + n - cell.position - 1).copy()
                                for c, cell in enumerate(cells)])
@@ -995,70 +999,33 @@ class LlamaCppRuntime:
         return logits
 
 
-class MultiSequenceContext(GraphContext):
-    """A `runtime.llama_cpp.GraphContext` whose KV cache holds `sequences` sequences in one buffer
-    (`kv_unified`, so sharing a prefix copies nothing) and decodes batches mixing them, at most
-    `tokens_per_decode` tokens a decode."""
+class MultiSequenceContext:
+    """The runtime's multi-sequence `GraphContext`, re-made larger when a longer prompt comes:
+    room for the prompt plus one full decode of cells, at most `tokens_per_decode` tokens a decode."""
 
     def __init__(self, shared, tokens_per_decode: int, sequences: int):
-        from llama_cpp import llama_cpp as C
-
-        self._C = C
         self.shared = shared
-        self.callback = NodeCallback()
-        self.model = shared.llama.model
         self._sequences = sequences
         self._tokens_per_decode = tokens_per_decode
-        self.ctx = None
-        self.n_ctx = 0
-        self._make(64)
+        self._prompt_tokens = 0
+        self.graph: GraphContext | None = None
+        self.ensure(64)
 
-    def _make(self, prompt_tokens: int) -> None:
-        C = self._C
-        self.close()
-        wanted = prompt_tokens + self._tokens_per_decode + 64
-        params = graph_context_params(self.shared.llama, wanted, self._tokens_per_decode)
-        params.n_ctx = max(int(params.n_ctx), wanted)
-        params.n_batch = params.n_ubatch = self._tokens_per_decode
-        params.n_seq_max = self._sequences
-        params.kv_unified = True
-        params.cb_eval = self.callback.c_function
-        params.cb_eval_user_data = None
-        ctx = C.llama_init_from_model(self.model, params)
-        if not ctx:
-            raise UnsupportedModel(f"llama.cpp could not create a context of {params.n_ctx} tokens for patching.")
-        self.ctx = ctx
-        self.n_ctx = int(C.llama_n_ctx(ctx))
-        self.n_ubatch = int(C.llama_n_ubatch(ctx))
-        self.n_vocab = int(C.llama_vocab_n_tokens(C.llama_model_get_vocab(self.model)))
-        self._batch = C.llama_batch_init(self.n_ubatch, 0, 1)
-        self._prompt_tokens = prompt_tokens
+    def ensure(self, prompt_tokens: int) -> GraphContext:
+        """The context, with room for a prompt of `prompt_tokens` plus a full decode of cells."""
+        if prompt_tokens > self._tokens_per_decode:
+            raise BadPrompt(f"Patching on llama.cpp takes prompts of at most {self._tokens_per_decode} tokens.")
+        if self.graph is None or not self.graph.alive or prompt_tokens > self._prompt_tokens:
+            self.close()
+            wanted = prompt_tokens + self._tokens_per_decode + 64
+            self.graph = GraphContext(self.shared, wanted, self._tokens_per_decode, sequences=self._sequences)
+            self._prompt_tokens = prompt_tokens
+        return self.graph
 
-    def ensure(self, prompt_tokens: int) -> None:
-        """Room for a prompt of `prompt_tokens` plus a full decode of cells."""
-        if prompt_tokens > self.n_ubatch:
-            raise BadPrompt(f"Patching on llama.cpp takes prompts of at most {self.n_ubatch} tokens.")
-        if prompt_tokens > self._prompt_tokens:
-            self._make(prompt_tokens)
-
-    def decode_sequences(self, tokens, positions, sequences, outputs) -> None:
-        """One decode of tokens belonging to several sequences (`tokens` at most `n_ubatch`)."""
-        C, batch = self._C, self._batch
-        n = len(tokens)
-        for i in range(n):
-            batch.token[i] = int(tokens[i])
-            batch.pos[i] = int(positions[i])
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = int(sequences[i])
-            batch.logits[i] = bool(outputs[i])
-        batch.n_tokens = n
-        self.callback.error = None
-        status = C.llama_decode(self.ctx, batch)
-        if self.callback.error is not None:
-            error, self.callback.error = self.callback.error, None
-            raise error
-        if status != 0:
-            raise UnsupportedModel(f"llama.cpp failed to evaluate the patched runs (llama_decode returned {status}).")
+    def close(self) -> None:
+        if self.graph is not None:
+            self.graph.close()
+            self.graph = None
 
 
 # ==================================================================== command line
