@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from runtime.ggml import NAME_OFFSET, TensorView
 from tracing.errors import BadModelFile, UnsupportedModel
 from tracing.models import GGUFFacts, check_fits, human_count, read_gguf
 
@@ -379,8 +380,6 @@ class NodeCallback:
         self.c_function = C.ggml_backend_sched_eval_callback(self)  # must outlive the context
 
     def __call__(self, address: int, ask: bool, _user_data) -> bool:
-        from runtime.ggml import NAME_OFFSET, TensorView
-
         try:
             name = ctypes.string_at(address + NAME_OFFSET)
             if ask:
@@ -514,7 +513,7 @@ class GraphContext:
         return (self.layout().embeddings if node == EMBEDDINGS else node).encode()
 
     def _watch_layout(self) -> GraphLayout:
-        from runtime.ggml import GGML_MAX_SRC, TensorView
+        from runtime.ggml import GGML_MAX_SRC
 
         names: set[str] = set()
         chain: set[int] = set()  # addresses: the embeddings and what the graph does to them before block 0
