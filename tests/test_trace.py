@@ -180,10 +180,15 @@ def test_a_cpu_load_of_the_bundled_model_is_float32_and_says_so(smollm2, smollm2
 
 
 def test_half_precision_only_when_float32_does_not_fit_and_an_explicit_dtype_wins(smollm2, monkeypatch, tmp_path):
-    # The same file under another path (same name, size and time: the converted cache is reused),
-    # on a machine whose 400 MB hold the model in bfloat16 (270 MB) but not in float32 (540 MB).
+    # The model converted once with the machine's real memory (converting needs float32 and more),
+    # then loaded on a machine whose 400 MB hold it in bfloat16 (270 MB) but not in float32 (540 MB).
     copy = tmp_path / bundled_gguf().name
     shutil.copy2(bundled_gguf(), copy)
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    assert load_model(copy, device="cpu", dtype=torch.float32).dtype == torch.float32
+    from tracing.loading import MODEL_CACHE
+
+    MODEL_CACHE.clear()  # loaded models are reused without a check: forget this one
     monkeypatch.setenv("LENSBENCH_MEMORY_LIMIT", "400MB")
     monkeypatch.setenv("LENSBENCH_PHYSICAL_MEMORY", "400MB")
     half = load_model(copy, device="cpu")
