@@ -241,7 +241,8 @@ def test_scout_layout_gguf_mixture_of_experts_sublayers_and_identities():
     """A tiny model in Llama 4 Scout's layout (llama4: dense and MoE blocks with a shared expert),
     converted by llama.cpp's own converter to float32: the MoE block's MLP output is the merged
     experts + shared expert, and the identities hold to float32 precision."""
-    converted_models = pytest.importorskip("tests.converted_models")
+    from tests import converted_models
+
     tracer = tracing.open_tracer(str(converted_models.converted("llama4")), "llama-cpp")
     runtime = patch_runtime(tracer)
     assert runtime.sublayer_problem() is None

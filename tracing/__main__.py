@@ -59,12 +59,17 @@ def run_lens(argv: list[str]) -> int:
             device=args.device,
             **options,
         )
-    if args.json:
+    print_result(result, args.json)
+    return 0
+
+
+def print_result(result, as_json: bool) -> None:
+    """A technique's result on stdout: exactly `result.to_dict()` as JSON, or `result.table()`."""
+    if as_json:
         json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         print(result.table())
-    return 0
 
 
 # Subcommands besides the default lens: name -> "module:function" taking argv, returning an exit code.

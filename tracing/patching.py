@@ -1035,9 +1035,8 @@ def run_patch(argv: list[str]) -> int:
     """`python -m tracing patch --clean TEXT --corrupt TEXT --target TOKEN [...]`: the grid as a
     table, or with --json exactly `PatchResult.to_dict()`."""
     import argparse
-    import json
-    import sys
 
+    from .__main__ import print_result
     from .models import ignoring_memory_check, print_memory_warnings
 
     parser = argparse.ArgumentParser(
@@ -1063,11 +1062,7 @@ def run_patch(argv: list[str]) -> int:
     with ignoring_memory_check(args.ignore_memory_check):
         result = patch(args.clean, args.corrupt, args.target, args.contrast, model=args.model,
                        backend=args.backend, sublayers=not args.no_sublayers, **options)
-    if args.json:
-        json.dump(result.to_dict(), sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:
-        print(result.table())
+    print_result(result, args.json)
     return 0
 
 
