@@ -29,7 +29,6 @@ logits).
 from __future__ import annotations
 
 import copy
-import ctypes
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from torch import nn
 from .errors import BadPrompt, BadTarget, LensbenchError, UnsupportedModel
 from .lens import TokenText, row_labels
 from runtime.llama_cpp import GraphContext
+from .sublayers import _first_tensor, _replace_first, _Site, find_graph_sublayers, find_sublayers
 
 RESID, ATTN, MLP = "resid", "attn", "mlp"
 TOP_K = 5  # answers shown for the clean and corrupted runs
@@ -466,127 +466,6 @@ def patch_runtime(tracer) -> PatchRuntime:
 # ==================================================================== PyTorch
 
 
-def _first_tensor(output) -> torch.Tensor:
-    from .hooks import _first_tensor as first
-
-    return first(output)
-
-
-def _replace_first(output, hidden: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return hidden
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    if isinstance(output, list):
-        return [hidden, *output[1:]]
-    raise TypeError(f"cannot patch a {type(output).__name__}")
-
-
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")
-_MLP_CLASS_WORDS = ("MLP", "MoE", "Moe", "FeedForward", "SparseMoe")
-
-
-def _sublayer_modules(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The attention and MLP children of a decoder block, by what they are called (one each, or None)."""
-    children = list(block.named_children())
-    attn = [m for _, m in children if "Attention" in type(m).__name__ or "Attn" in type(m).__name__]
-    mlp = [m for n, m in children if n in _MLP_NAMES or any(w in type(m).__name__ for w in _MLP_CLASS_WORDS)]
-    return (attn[0] if len(attn) == 1 else None), (mlp[0] if len(mlp) == 1 else None)
-
-
-def find_sublayers(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Tensor):
-    """Per block, the modules whose outputs are what attention and the MLP add to the residual stream.
-
-    The attention module is the block's child whose class says Attention; the MLP the child named
-    mlp / feed_forward (or typed MLP / MoE / FeedForward). When a norm's input is exactly that
-    module's output (post-norm families: Gemma 2/3, OLMo 2), the norm's output is what is added,
-    so the norm is patched. One probe forward checks that block output = block input + attention
-    + MLP. Returns ([(attn site, mlp site)] per block, None) or (None, why not).
-    """
-    kind = type(blocks[0]).__name__
-    found = [_sublayer_modules(b) for b in blocks]
-    if any(a is None or m is None for a, m in found):
-        return None, (
-            f"the attention and MLP modules of {kind} blocks cannot be found (expected one child whose class "
-            "names Attention and one named mlp or feed_forward), so only the residual stream is patched"
-        )
-    seen: dict[int, dict] = {}
-    handles = []
-
-    def watch(i: int, block: nn.Module, attn: nn.Module, mlp: nn.Module) -> None:
-        record = seen.setdefault(i, {})
-
-        def on_input(_m, args, kwargs):
-            record["in"] = args[0] if args else kwargs.get("hidden_states")
-
-        def on_output(_m, _a, output):
-            record["out"] = _first_tensor(output)
-
-        def on_site(key):
-            def hook(_m, _a, output):
-                record[key] = _first_tensor(output)
-            return hook
-
-        def on_child_input(child):
-            def hook(_m, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()), None)
-                for key in ("attn", "mlp"):
-                    if x is not None and x is record.get(key) and "Norm" in type(child).__name__:
-                        record[f"{key}_post"] = child
-            return hook
-
-        handles.append(block.register_forward_pre_hook(on_input, with_kwargs=True))
-        handles.append(block.register_forward_hook(on_output))
-        handles.append(attn.register_forward_hook(on_site("attn")))
-        handles.append(mlp.register_forward_hook(on_site("mlp")))
-        for _, child in block.named_children():
-            if child is not attn and child is not mlp:
-                handles.append(child.register_forward_pre_hook(on_child_input(child), with_kwargs=True))
-
-    try:
-        for i, (block, (attn, mlp)) in enumerate(zip(blocks, found)):
-            watch(i, block, attn, mlp)
-        with torch.no_grad():
-            # Post-norm outputs are recorded by a second pass once the norms are known.
-            model(input_ids=probe_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    sites = []
-    for i, (attn, mlp) in enumerate(found):
-        record = seen.get(i, {})
-        sites.append((record.get("attn_post", attn), record.get("mlp_post", mlp)))
-    # Check: the block adds exactly these two outputs to its input.
-    outputs: dict[int, dict] = {}
-    handles = []
-    for i, (block, (a, m)) in enumerate(zip(blocks, sites)):
-        slot = outputs.setdefault(i, {})
-        handles.append(a.register_forward_hook(lambda _m, _a, o, s=slot: s.__setitem__("a", _first_tensor(o))))
-        handles.append(m.register_forward_hook(lambda _m, _a, o, s=slot: s.__setitem__("m", _first_tensor(o))))
-    try:
-        with torch.no_grad():
-            model(input_ids=probe_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    worst = 0.0
-    for i in range(len(blocks)):
-        x, y = seen[i].get("in"), seen[i].get("out")
-        a, m = outputs[i].get("a"), outputs[i].get("m")
-        if any(t is None for t in (x, y, a, m)) or a.shape != y.shape or m.shape != y.shape:
-            worst = float("inf")
-            break
-        scale = float(y.float().abs().max().clamp_min(1e-6))
-        worst = max(worst, float((x.float() + a.float() + m.float() - y.float()).abs().max()) / scale)
-    if not worst < 1e-4:
-        return None, (
-            f"a {kind} block's output is not its input plus its attention and MLP outputs (relative error "
-            f"{worst:.1e}), so patching them separately would not mean what it says; only the residual "
-            "stream is patched"
-        )
-    return sites, None
-
-
 class TorchRuntime:
     """Patching on a transformers model with forward hooks on the hooks backend's blocks.
 
@@ -745,104 +624,6 @@ class TorchRuntime:
 
 
 # ==================================================================== llama.cpp
-
-
-@dataclass
-class _Site:
-    """A graph node to patch: its name, and (when two nodes share the name) its op and first source."""
-
-    name: str
-    op: str
-    src0: str
-
-
-def _graph_nodes(graph, ids: list[int]) -> list[tuple[int, str, str, list[int], list[str]]]:
-    """Every node of one decode of `ids` (last token as output): (address, name, op, source addresses, source names)."""
-    from runtime.ggml import GGML_MAX_SRC, TensorView
-
-    nodes = []
-
-    def record(address: int) -> None:
-        view = TensorView(address)
-        sources, names = [], []
-        for i in range(GGML_MAX_SRC):
-            src = view.src(i)
-            if src is not None:
-                sources.append(ctypes.cast(src.ptr, ctypes.c_void_p).value)
-                names.append(src.name)
-        nodes.append((address, view.name, view.op, sources, names))
-
-    callback = graph.callback
-    saved, callback.handlers = callback.handlers, {}
-    callback.recorder = record
-    try:
-        graph.clear()
-        graph.decode(ids, 0, [False] * (len(ids) - 1) + [True])
-    finally:
-        callback.recorder, callback.handlers = None, saved
-        graph.clear()
-    return nodes
-
-
-def find_graph_sublayers(graph, n_blocks: int, embeddings: str, ids: list[int]):
-    """Per block, the graph nodes holding what attention and the MLP add to the residual stream.
-
-    Found from the graph's structure, not from names alone: the residual after attention is the
-    ADD that the block's MLP output is added to (named `ffn_inp-{i}`, or `sa_out-{i}` in Gemma 3);
-    its other source is the attention output (`attn_out-{i}`, or `attn_post_norm-{i}` in
-    post-norm families; in the last block through a GET_ROWS of the requested outputs); the
-    other source of the ADD that ends the block is the MLP output (`ffn_out-{i}`,
-    `ffn_post_norm-{i}`, `ffn_moe_out-{i}`, Scout's `ffn_moe_out_merged-{i}`). Returns
-    ([(attn site, mlp site)] per block, None) or (None, why not).
-    """
-    nodes = _graph_nodes(graph, ids)
-    by_address = {n[0]: n for n in nodes}
-
-    def source_of(node, i):
-        return by_address.get(node[3][i])
-
-    sites = []
-    for i in range(n_blocks):
-        previous = embeddings if i == 0 else f"l_out-{i - 1}"
-        end = next((n for n in nodes if n[1] == f"l_out-{i}"), None)
-        # Walk back from the block output through non-ADD wrappers (control vector) to the final ADD.
-        while end is not None and end[2] != "ADD" and end[3]:
-            end = source_of(end, 0)
-        if end is None or len(end[3]) != 2:
-            return None, f"llama.cpp's graph does not end block {i} in an addition to the residual stream"
-        mid_index = None
-        for k in range(2):
-            node = source_of(end, k)
-            if node is None:
-                continue
-            # The residual after attention: an ADD one of whose sources leads back to the previous residual.
-            if node[2] == "ADD" and any(_leads_to(by_address, s, previous) for s in node[3]):
-                mid_index = k
-        if mid_index is None:
-            return None, f"llama.cpp's graph has no residual after attention in block {i}"
-        mid = source_of(end, mid_index)
-        mlp = source_of(end, 1 - mid_index)
-        attn = next((by_address[s] for s in mid[3] if not _leads_to(by_address, s, previous)), None)
-        while attn is not None and attn[2] == "GET_ROWS":  # the last block keeps only the output rows
-            attn = source_of(attn, 0)
-        if attn is None or mlp is None or not attn[1] or not mlp[1]:
-            return None, f"llama.cpp's graph does not name block {i}'s attention or MLP output"
-        sites.append(tuple(_Site(n[1], n[2], n[4][0] if n[4] else "") for n in (attn, mlp)))
-    return sites, None
-
-
-def _leads_to(by_address, address, name: str, depth: int = 3) -> bool:
-    """Whether the node at `address` is `name`, or a GET_ROWS / copy of it (a few steps back)."""
-    node = by_address.get(address)
-    for _ in range(depth):
-        if node is None:
-            return False
-        if node[1] == name:
-            return True
-        if node[2] not in ("GET_ROWS", "CONT", "CPY", "VIEW", "RESHAPE") or not node[3]:
-            return False
-        node = by_address.get(node[3][0])
-    return False
 
 
 class LlamaCppRuntime:
