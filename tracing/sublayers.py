@@ -38,28 +38,53 @@ _MLP_CLASS_WORDS = ("MLP", "MoE", "Moe", "FeedForward", "SparseMoe")
 
 
 def _sublayer_modules(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The attention and MLP children of a decoder block, by what they are called (one each, or None)."""
+    """The attention and MLP children of a decoder block, by what they are called (one each, or None).
+
+    The MLP is the child named mlp / feed_forward / ...; only when none is named so, the child
+    typed MLP / MoE / FeedForward (never a norm: Qwen3-MoE's norms are called Qwen3MoeRMSNorm).
+    """
     children = list(block.named_children())
     attn = [m for _, m in children if "Attention" in type(m).__name__ or "Attn" in type(m).__name__]
-    mlp = [m for n, m in children if n in _MLP_NAMES or any(w in type(m).__name__ for w in _MLP_CLASS_WORDS)]
+    mlp = [m for n, m in children if n in _MLP_NAMES]
+    if not mlp:
+        mlp = [m for _, m in children
+               if any(w in type(m).__name__ for w in _MLP_CLASS_WORDS) and "Norm" not in type(m).__name__]
     return (attn[0] if len(attn) == 1 else None), (mlp[0] if len(mlp) == 1 else None)
 
 
-def find_sublayers(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Tensor):
-    """Per block, the modules whose outputs are what attention and the MLP add to the residual stream.
+@dataclass
+class SublayerWrite:
+    """Block i's attention and MLP: the modules whose outputs are added to the residual stream, and
+    the factor each is added with (Granite's residual_multiplier; 1 elsewhere)."""
+
+    attn: nn.Module
+    mlp: nn.Module
+    attn_scale: float = 1.0
+    mlp_scale: float = 1.0
+    flat: bool = False  # an output comes as [tokens, d] and is reshaped before it is added (Llama 4's MoE)
+
+
+# How closely block output = input + attention + MLP must hold (relative to the output's scale).
+_SUM_TOLERANCE = 1e-4
+
+
+def find_sublayer_writes(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Tensor):
+    """Per block, what attention and the MLP add to the residual stream, and with which factor.
 
     The attention module is the block's child whose class says Attention; the MLP the child named
     mlp / feed_forward (or typed MLP / MoE / FeedForward). When a norm's input is exactly that
-    module's output (post-norm families: Gemma 2/3, OLMo 2), the norm's output is what is added,
-    so the norm is patched. One probe forward checks that block output = block input + attention
-    + MLP. Returns ([(attn site, mlp site)] per block, None) or (None, why not).
+    module's output (post-norm families: Gemma 2/3, OLMo 2), the norm's output is what is added.
+    One probe forward measures, per block, the factors with which the two are added (least
+    squares over the probe's positions: 1 and 1, or Granite's residual_multiplier) and checks
+    that block output = block input + factor x attention + factor x MLP. Returns
+    ([SublayerWrite] per block, None) or (None, why not).
     """
     kind = type(blocks[0]).__name__
     found = [_sublayer_modules(b) for b in blocks]
     if any(a is None or m is None for a, m in found):
         return None, (
             f"the attention and MLP modules of {kind} blocks cannot be found (expected one child whose class "
-            "names Attention and one named mlp or feed_forward), so only the residual stream is patched"
+            "names Attention and one named mlp or feed_forward)"
         )
     seen: dict[int, dict] = {}
     handles = []
@@ -107,7 +132,7 @@ def find_sublayers(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Ten
     for i, (attn, mlp) in enumerate(found):
         record = seen.get(i, {})
         sites.append((record.get("attn_post", attn), record.get("mlp_post", mlp)))
-    # Check: the block adds exactly these two outputs to its input.
+    # Check: the block adds exactly these two outputs (times a factor each) to its input.
     outputs: dict[int, dict] = {}
     handles = []
     for i, (block, (a, m)) in enumerate(zip(blocks, sites)):
@@ -120,22 +145,58 @@ def find_sublayers(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Ten
     finally:
         for h in handles:
             h.remove()
-    worst = 0.0
+    writes, worst = [], 0.0
     for i in range(len(blocks)):
         x, y = seen[i].get("in"), seen[i].get("out")
         a, m = outputs[i].get("a"), outputs[i].get("m")
-        if any(t is None for t in (x, y, a, m)) or a.shape != y.shape or m.shape != y.shape:
+        if any(t is None for t in (x, y, a, m)) or a.numel() != y.numel() or m.numel() != y.numel():
             worst = float("inf")
             break
-        scale = float(y.float().abs().max().clamp_min(1e-6))
-        worst = max(worst, float((x.float() + a.float() + m.float() - y.float()).abs().max()) / scale)
-    if not worst < 1e-4:
+        flat = a.shape != y.shape or m.shape != y.shape
+        x, y, a, m = (t.detach().double().reshape(-1) for t in (x, y, a, m))
+        scale = float(y.abs().max().clamp_min(1e-6))
+
+        def error(p: float, q: float) -> float:
+            return float((x + p * a + q * m - y).abs().max()) / scale
+
+        # Added as they are, in most families; else the factors are measured.
+        scales = (1.0, 1.0) if error(1.0, 1.0) < _SUM_TOLERANCE else _factors(y - x, a, m)
+        worst = max(worst, error(*scales))
+        writes.append(SublayerWrite(sites[i][0], sites[i][1], scales[0], scales[1], flat))
+    if not worst < _SUM_TOLERANCE:
         return None, (
             f"a {kind} block's output is not its input plus its attention and MLP outputs (relative error "
-            f"{worst:.1e}), so patching them separately would not mean what it says; only the residual "
-            "stream is patched"
+            f"{worst:.1e})"
         )
-    return sites, None
+    return writes, None
+
+
+def _factors(delta: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> tuple[float, float]:
+    """(p, q) minimizing |delta - p a - q m| (float64), rounded to 6 significant digits (a factor is a
+    model constant such as 0.22, and the fit's float32 noise would otherwise show in the parts)."""
+    basis = torch.stack([a, m], dim=1)
+    solution = torch.linalg.lstsq(basis, delta.unsqueeze(1)).solution[:, 0]
+    return tuple(float(f"{float(v):.6g}") for v in solution)
+
+
+def find_sublayers(model: nn.Module, blocks: nn.ModuleList, probe_ids: torch.Tensor):
+    """Per block, the modules whose outputs are what attention and the MLP add to the residual stream,
+    for activation patching: ([(attn site, mlp site)] per block, None) or (None, why not).
+
+    See `find_sublayer_writes`; patching also wants each output added as it is (factor 1) and shaped
+    as the residual stream, so that a clean vector can be written in at its position.
+    """
+    writes, problem = find_sublayer_writes(model, blocks, probe_ids)
+    kind = type(blocks[0]).__name__
+    if problem is None and any(w.flat or w.attn_scale != 1 or w.mlp_scale != 1 for w in writes):
+        problem = (f"a {kind} block's output is not its input plus its attention and MLP outputs as they are "
+                   "(they are scaled or reshaped first)")
+    if problem is not None:
+        suffix = "so only the residual stream is patched"
+        if "cannot be found" in problem:
+            return None, f"{problem}, {suffix}"
+        return None, f"{problem}, so patching them separately would not mean what it says; only the residual stream is patched"
+    return [(w.attn, w.mlp) for w in writes], None
 
 
 @dataclass
@@ -147,8 +208,9 @@ class _Site:
     src0: str
 
 
-def _graph_nodes(graph, ids: list[int]) -> list[tuple[int, str, str, list[int], list[str]]]:
-    """Every node of one decode of `ids` (last token as output): (address, name, op, source addresses, source names)."""
+def _graph_nodes(graph, ids: list[int]) -> list[tuple[int, str, str, list[int], list[str], tuple[int, ...]]]:
+    """Every node of one decode of `ids` (last token as output): (address, name, op, source addresses,
+    source names, op parameters as int32s)."""
     from runtime.ggml import GGML_MAX_SRC, TensorView
 
     nodes = []
@@ -161,7 +223,7 @@ def _graph_nodes(graph, ids: list[int]) -> list[tuple[int, str, str, list[int], 
             if src is not None:
                 sources.append(ctypes.cast(src.ptr, ctypes.c_void_p).value)
                 names.append(src.name)
-        nodes.append((address, view.name, view.op, sources, names))
+        nodes.append((address, view.name, view.op, sources, names, tuple(view.t.op_params[:4])))
 
     callback = graph.callback
     saved, callback.handlers = callback.handlers, {}
@@ -175,24 +237,29 @@ def _graph_nodes(graph, ids: list[int]) -> list[tuple[int, str, str, list[int], 
     return nodes
 
 
-def find_graph_sublayers(graph, n_blocks: int, embeddings: str, ids: list[int]):
-    """Per block, the graph nodes holding what attention and the MLP add to the residual stream.
+@dataclass
+class GraphBlock:
+    """One block in llama.cpp's graph: the nodes (as `_graph_nodes` records them) of the residual
+    after attention, of what attention adds (before the last block's GET_ROWS) and of what the MLP adds."""
 
-    Found from the graph's structure, not from names alone: the residual after attention is the
-    ADD that the block's MLP output is added to (named `ffn_inp-{i}`, or `sa_out-{i}` in Gemma 3);
-    its other source is the attention output (`attn_out-{i}`, or `attn_post_norm-{i}` in
-    post-norm families; in the last block through a GET_ROWS of the requested outputs); the
-    other source of the ADD that ends the block is the MLP output (`ffn_out-{i}`,
-    `ffn_post_norm-{i}`, `ffn_moe_out-{i}`, Scout's `ffn_moe_out_merged-{i}`). Returns
-    ([(attn site, mlp site)] per block, None) or (None, why not).
-    """
-    nodes = _graph_nodes(graph, ids)
+    mid: tuple
+    attn: tuple
+    mlp: tuple
+
+    def sites(self) -> tuple[_Site, _Site, _Site]:
+        """(mid, attention, MLP) as sites a node handler can be keyed on."""
+        return tuple(_Site(n[1], n[2], n[4][0] if n[4] else "") for n in (self.mid, self.attn, self.mlp))
+
+
+def graph_blocks(nodes, n_blocks: int, embeddings: str):
+    """Per block, the graph nodes around the residual stream's two additions, from `_graph_nodes`'s
+    records. See `find_graph_sublayers`. Returns ([GraphBlock] per block, None) or (None, why not)."""
     by_address = {n[0]: n for n in nodes}
 
     def source_of(node, i):
         return by_address.get(node[3][i])
 
-    sites = []
+    blocks = []
     for i in range(n_blocks):
         previous = embeddings if i == 0 else f"l_out-{i - 1}"
         end = next((n for n in nodes if n[1] == f"l_out-{i}"), None)
@@ -218,8 +285,25 @@ def find_graph_sublayers(graph, n_blocks: int, embeddings: str, ids: list[int]):
             attn = source_of(attn, 0)
         if attn is None or mlp is None or not attn[1] or not mlp[1]:
             return None, f"llama.cpp's graph does not name block {i}'s attention or MLP output"
-        sites.append(tuple(_Site(n[1], n[2], n[4][0] if n[4] else "") for n in (attn, mlp)))
-    return sites, None
+        blocks.append(GraphBlock(mid, attn, mlp))
+    return blocks, None
+
+
+def find_graph_sublayers(graph, n_blocks: int, embeddings: str, ids: list[int]):
+    """Per block, the graph nodes holding what attention and the MLP add to the residual stream.
+
+    Found from the graph's structure, not from names alone: the residual after attention is the
+    ADD that the block's MLP output is added to (named `ffn_inp-{i}`, or `sa_out-{i}` in Gemma 3);
+    its other source is the attention output (`attn_out-{i}`, or `attn_post_norm-{i}` in
+    post-norm families; in the last block through a GET_ROWS of the requested outputs); the
+    other source of the ADD that ends the block is the MLP output (`ffn_out-{i}`,
+    `ffn_post_norm-{i}`, `ffn_moe_out-{i}`, Scout's `ffn_moe_out_merged-{i}`). Returns
+    ([(attn site, mlp site)] per block, None) or (None, why not).
+    """
+    blocks, problem = graph_blocks(_graph_nodes(graph, ids), n_blocks, embeddings)
+    if problem is not None:
+        return None, problem
+    return [block.sites()[1:] for block in blocks], None
 
 
 def _leads_to(by_address, address, name: str, depth: int = 3) -> bool:
