@@ -28,6 +28,10 @@ GGML_MAX_OP_PARAMS = 64
 GGML_MAX_NAME = 64
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
+GGML_TYPE_I32 = 26
+# ggml types `TensorView.array` reads, as numpy dtypes (float nodes, and int32 ones such as the
+# expert ids of a mixture-of-experts layer).
+_NUMPY_TYPES = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16, GGML_TYPE_I32: np.int32}
 
 
 class GGMLTensor(ctypes.Structure):
@@ -107,6 +111,7 @@ class _GGML:
         self.op_name = _bind(base, "ggml_op_name", ctypes.c_char_p, ctypes.c_int)
         self.type_name = _bind(base, "ggml_type_name", ctypes.c_char_p, ctypes.c_int)
         self.tensor_overhead = _bind(base, "ggml_tensor_overhead", sz)
+        self.nbytes = _bind(base, "ggml_nbytes", sz, TensorP)
         self.graph_overhead = _bind(base, "ggml_graph_overhead", sz)
         self.init = _bind(base, "ggml_init", p, GGMLInitParams)
         self.free = _bind(base, "ggml_free", None, p)
@@ -179,6 +184,53 @@ class TensorView:
     def shape(self) -> tuple[int, int]:
         """(rows, width) of a 2-D node: rows = tokens of the batch (or the requested outputs), width = ne0."""
         return int(self.t.ne[1]), int(self.t.ne[0])
+
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        """All four of ggml's dimensions, numpy's order: (ne3, ne2, ne1, ne0)."""
+        return int(self.t.ne[3]), int(self.t.ne[2]), int(self.t.ne[1]), int(self.t.ne[0])
+
+    def array(self) -> np.ndarray:
+        """The whole node as a numpy array [ne3, ne2, ne1, ne0] of its own dtype (float32, float16
+        or int32), views with strides included (e.g. the top-k columns of an argsort).
+
+        Copies `ggml_nbytes` bytes: for a large node, read parts with `slab` instead.
+        """
+        dtype = self._numpy_type()
+        t = self.t
+        size = ggml().nbytes(self.ptr)
+        raw = np.empty(size, dtype=np.uint8)
+        if size:
+            ggml().tensor_get(self.ptr, raw.ctypes.data, 0, size)
+        strides = (int(t.nb[3]), int(t.nb[2]), int(t.nb[1]), int(t.nb[0]))
+        if strides[-1] != np.dtype(dtype).itemsize:
+            raise UnsupportedModel(f"llama.cpp's node {self.name} has elements {strides[-1]} bytes apart; it cannot be read.")
+        typed = np.frombuffer(raw, dtype=dtype, count=size // np.dtype(dtype).itemsize)
+        return np.lib.stride_tricks.as_strided(typed, shape=self.dims, strides=strides, writeable=False).copy()
+
+    def slab(self, i2: int, first: int, count: int) -> np.ndarray:
+        """Rows [first, first + count) of plane `i2` (dimension 2, e.g. one attention head) of a
+        contiguous float node whose ne3 is 1, as float32 [count, ne0]; only those bytes are copied."""
+        dtype = self._numpy_type()
+        t = self.t
+        item = np.dtype(dtype).itemsize
+        if t.ne[3] != 1 or t.nb[0] != item or t.nb[1] != t.ne[0] * item or t.nb[2] != t.ne[1] * t.nb[1]:
+            raise UnsupportedModel(f"llama.cpp's node {self.name} is not contiguous; it cannot be read in slabs.")
+        if not (0 <= i2 < t.ne[2] and 0 <= first and first + count <= t.ne[1]):
+            raise ValueError(f"rows {first}..{first + count} of plane {i2} are outside {self.name} {list(t.ne)}")
+        out = np.empty((count, t.ne[0]), dtype=dtype)
+        if count:
+            ggml().tensor_get(self.ptr, out.ctypes.data, i2 * t.nb[2] + first * t.nb[1], count * t.nb[1])
+        return out.astype(np.float32, copy=False)
+
+    def _numpy_type(self) -> type:
+        dtype = _NUMPY_TYPES.get(int(self.t.type))
+        if dtype is None:
+            raise UnsupportedModel(
+                f"llama.cpp's node {self.name} is {ggml().type_name(self.t.type).decode()}; only float32, float16 "
+                "and int32 nodes can be read."
+            )
+        return dtype
 
     def _row_layout(self) -> type:
         t = self.t

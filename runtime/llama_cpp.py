@@ -407,11 +407,16 @@ class GraphLayout:
         return [name for name in names if name not in self.names]
 
 
-def graph_context_params(llama, n_tokens: int, ubatch: int = 128):
+def graph_context_params(
+    llama, n_tokens: int, ubatch: int = 128, *, flash_attn: bool | None = None, swa_full: bool = False
+):
     """llama.cpp context parameters for a technique's context of at least `n_tokens` (no callback yet).
 
     Chat's own settings (threads, attention kernels), one sequence, a KV cache sized to the work
     (a power of two, at least 256, at most the model's context), at most `ubatch` tokens a decode.
+    flash_attn: None keeps chat's choice; False turns flash attention off, so the graph has the
+    attention probabilities as nodes of their own (`kq_soft_max-{i}`). swa_full: sliding-window
+    layers keep every position (KV cell i = position i for one sequence decoded from its start).
     """
     size = max(256, 1 << max(0, n_tokens - 1).bit_length())
     size = min(size, max(int(llama.n_ctx()), n_tokens))
@@ -420,7 +425,13 @@ def graph_context_params(llama, n_tokens: int, ubatch: int = 128):
     params.n_batch = params.n_ubatch = min(ubatch, size)
     params.n_seq_max = 1
     params.embeddings = False
-    params.swa_full = False  # one sequence from its start: the sliding window is enough
+    params.swa_full = swa_full  # False: one sequence from its start, the sliding window is enough
+    if flash_attn is not None:
+        import llama_cpp
+
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
     return params
 
 
@@ -429,10 +440,12 @@ class GraphContext:
 
     Its own KV cache (sized to `n_tokens`), one sequence or `sequences` sharing one buffer,
     `callback.handlers` choosing which nodes to read or write. The weights are the shared model's: nothing is loaded twice. Hold
-    `shared.lock` while using it; `close()` frees it (the model stays loaded).
+    `shared.lock` while using it; `close()` frees it (the model stays loaded). `flash_attn` and
+    `swa_full`: see `graph_context_params`.
     """
 
-    def __init__(self, shared: SharedLlama, n_tokens: int, ubatch: int = 128, sequences: int = 1):
+    def __init__(self, shared: SharedLlama, n_tokens: int, ubatch: int = 128, sequences: int = 1, *,
+                 flash_attn: bool | None = None, swa_full: bool = False):
         from llama_cpp import llama_cpp as C
 
         self._C = C
@@ -440,7 +453,7 @@ class GraphContext:
         self.callback = NodeCallback()
         self.model = shared.llama.model
         self.sequences = sequences
-        params = graph_context_params(shared.llama, n_tokens, ubatch)
+        params = graph_context_params(shared.llama, n_tokens, ubatch, flash_attn=flash_attn, swa_full=swa_full)
         if sequences > 1:
             # One KV buffer for all sequences: sharing a prefix (llama_memory_seq_cp) copies nothing.
             params.n_ctx = max(int(params.n_ctx), n_tokens)

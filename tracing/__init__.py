@@ -4,6 +4,7 @@
     >>> result = tracing.trace("The capital of Germany is", target=" Berlin")
     >>> print(result.table())
     >>> grid = tracing.patch("The capital of Germany is", "The capital of France is", " Berlin", " Paris")
+    >>> heads = tracing.attention("The capital of Germany is", layers=[10])
 
 Backends return the same `LensResult`; errors a user can cause are `LensbenchError`s.
 The names below load on first use, so `import tracing.models` (as chat/ does) never pays for
@@ -13,6 +14,7 @@ importing torch.
 from .errors import (
     BadModelFile,
     BadPrompt,
+    BadChoice,
     BadTarget,
     LensbenchError,
     ModelNotFound,
@@ -30,6 +32,11 @@ _LAZY = {
     "patch": "patching",
     "patch_with": "patching",
     "PatchResult": "patching",
+    "attention": "attention",
+    "attention_with": "attention",
+    "routing_with": "attention",
+    "AttentionResult": "attention",
+    "RoutingResult": "attention",
 }
 
 
@@ -50,4 +57,5 @@ __all__ = [
     "NotEnoughMemory",
     "BadPrompt",
     "BadTarget",
+    "BadChoice",
 ]

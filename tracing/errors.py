@@ -31,3 +31,7 @@ class BadPrompt(LensbenchError):
 
 class BadTarget(LensbenchError):
     """The target string is not exactly one token of this model's vocabulary."""
+
+
+class BadChoice(LensbenchError):
+    """A layer, attention head or position that this model or this prompt does not have."""
