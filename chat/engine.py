@@ -301,6 +301,7 @@ def stream_chat(
     seed: int | None = None,
     cancel: threading.Event | None = None,
     check_memory: bool = True,
+    steering=None,
 ) -> ChatStream:
     """Answer the last user message, streaming text deltas.
 
@@ -312,6 +313,9 @@ def stream_chat(
         max_tokens (new tokens at most), seed (same seed, same answer).
     cancel: a threading.Event; setting it stops the answer within a token.
     check_memory: False loads the model even when it is larger than this machine's memory.
+    steering: a `tracing.steering.Steering` (a control vector, strength and layers), applied with
+        llama.cpp's control-vector mechanism on this model's context for this answer only; the
+        prompt cache is dropped when it is set and when it is taken off (it was computed without it).
 
     Returns a ChatStream: iterate it for the deltas. When the conversation does not fit the
     model's context, the oldest turns are dropped (and the answer shortened if need be) and
@@ -324,10 +328,13 @@ def stream_chat(
     conversation = _normalize(messages)
     shared = load(model, check_memory=check_memory)
     plan = _fit_context(shared, system, conversation, int(max_tokens))
+    if steering is not None:
+        steering.check_chat_model(shared)  # a vector for another model: its message, before anything runs
     request = dict(
         temperature=float(temperature),
         top_p=float(top_p),
         seed=int(seed) if seed is not None else random.randrange(2**31),
+        steering=steering,
     )
     return ChatStream(shared, request, plan, cancel, requested)
 
@@ -463,12 +470,17 @@ def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.E
             return
     job.started_at = time.perf_counter()
     chunks = None
+    steering = request.pop("steering", None)
+    steered = False
     try:
         if stopped():
             job.finish_reason = "cancelled"
             return
         if shared.closed:
             raise LensbenchError("The model was unloaded while this message waited; send it again.")
+        if steering is not None:
+            steering.apply_to_chat(shared)
+            steered = True
         chunks = shared.llama.create_chat_completion(stream=True, **request)
         for chunk in chunks:
             if stopped():
@@ -485,6 +497,11 @@ def _generate(shared: SharedLlama, request: dict, job: _Job, cancel: threading.E
     finally:
         if chunks is not None:
             chunks.close()
+        if steered and not shared.closed:
+            try:  # never leaves the lock held
+                steering.remove_from_chat(shared)
+            except Exception as exc:
+                job.out.put(exc)
         job.finished_at = time.perf_counter()
         shared.lock.release()
         job.out.put(_DONE)

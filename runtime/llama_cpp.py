@@ -584,6 +584,32 @@ class GraphContext:
         except Exception:
             pass
 
+# ---------------------------------------------------------------- control vectors (steering)
+
+
+def set_control_vector(ctx, n_embd: int, data=None, first: int = -1, last: int = -1) -> None:
+    """Set llama.cpp's control vector on context `ctx` (any context: chat's, or a GraphContext's `ctx`);
+    `data` None removes it.
+
+    data: float32 [n_layer - 1, n_embd]: row L - 1 is added to the output of block L, counted from 0
+    (the node `l_out-L` already includes it), for first <= L <= last; block 0 has no row. This is
+    llama.cpp's own layout (`llama_adapter_cvec::apply_to` at the end of each block, rows filled
+    from `direction.{L}` tensors by common_control_vector_load_one). It applies from the next
+    decode on; what the KV cache already holds was computed without it.
+    """
+    import llama_cpp
+    import numpy as np
+
+    if data is None:
+        status = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, int(n_embd), -1, -1)
+    else:
+        flat = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
+        pointer = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # copied by llama.cpp before returning
+        status = llama_cpp.llama_set_adapter_cvec(ctx, pointer, flat.size, int(n_embd), int(first), int(last))
+    if status != 0:
+        raise UnsupportedModel(f"llama.cpp refused the control vector (width {n_embd}, layers {first}-{last}).")
+
+
 __all__ = [
     "SharedLlama",
     "shared_llama",
@@ -602,4 +628,5 @@ __all__ = [
     "GraphLayout",
     "GraphContext",
     "graph_context_params",
+    "set_control_vector",
 ]

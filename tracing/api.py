@@ -7,6 +7,7 @@ happen here and in `lens.py`, once for every backend.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Protocol
 
@@ -113,12 +114,15 @@ def trace_with(
     ids: list[int] | None = None,
     positions: list[int] | None = None,
     info: dict | None = None,
+    steering=None,
 ) -> LensResult:
     """Trace `prompt` (or ready token `ids`) with an opened tracer.
 
     positions: trace only these positions (for tracers whose `residuals` take `positions=`, as
     the llama.cpp one does for a chat reply); default all, or the last with `last_only`.
     info: facts to keep in `result.info`.
+    steering: trace with a steering vector applied (`tracing.steering.Steering`, or (vector,
+    strength[, layers])), on the hooks and llama-cpp backends.
     """
     if not 1 <= int(top_k) <= MAX_TOP_K:
         raise BadPrompt(f"top-k must be between 1 and {MAX_TOP_K} (got {top_k}).")
@@ -137,8 +141,15 @@ def trace_with(
         )
     target_pair = resolve_target(tracer, target) if target else None
     info = {**getattr(tracer, "info", {}), **(info or {})}  # e.g. the weights' dtype and why
+    steered = contextlib.nullcontext()
+    if steering is not None:
+        from .steering import applied, as_steering
+
+        steering = as_steering(steering)
+        steered = applied(tracer, steering)
+        info["steering"] = steering.describe()
     start = time.perf_counter()
-    with tracer.lock():
+    with tracer.lock(), steered:
         try:
             if positions is None:
                 hidden, kinds = tracer.residuals(ids, last_only)
@@ -178,6 +189,7 @@ def trace(
     temperature: float = 1.0,
     target: str | None = None,
     last_only: bool = False,
+    steering=None,
     **options,
 ) -> LensResult:
     """Per-layer next-token predictions for `prompt`.
@@ -187,13 +199,15 @@ def trace(
     top_k: tokens kept per cell. temperature: divides the logits before the softmax.
     target: a token (e.g. " Berlin") whose probability and rank are followed through the layers.
     last_only: trace only the last position (for long prompts).
+    steering: trace with a steering vector added (`tracing.steering.Steering`, or a tuple
+        (vector, strength[, layers])); hooks and llama-cpp backends.
     options: backend options, e.g. device="cpu".
     """
     if prompt is None or not str(prompt).strip():
         raise BadPrompt("The prompt is empty: type some text to trace.")
     tracer = open_tracer(model, backend, **options)
     return trace_with(
-        tracer, prompt, top_k=top_k, temperature=temperature, target=target, last_only=last_only
+        tracer, prompt, top_k=top_k, temperature=temperature, target=target, last_only=last_only, steering=steering
     )
 
 

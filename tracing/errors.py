@@ -35,3 +35,11 @@ class BadTarget(LensbenchError):
 
 class BadChoice(LensbenchError):
     """A layer, attention head or position that this model or this prompt does not have."""
+
+
+class BadControlVector(LensbenchError):
+    """A steering (control) vector file that cannot be used: not a control vector, damaged, or made for another model."""
+
+
+class BadSetting(LensbenchError):
+    """A setting out of its range: a layer range, a strength, a list of strengths."""

@@ -39,7 +39,7 @@ from .api import trace_with
 from .errors import BadModelFile, BadPrompt, UnsupportedModel
 from .lens import LensResult
 from runtime.ggml import GGML_TYPE_F32, GGUFHeader, GGUFTensor, QuantizedMatrix, TensorView
-from runtime.llama_cpp import EMBEDDINGS, GraphContext, block_output, shared_llama
+from runtime.llama_cpp import EMBEDDINGS, GraphContext, block_output, set_control_vector, shared_llama
 from .models import ModelSource, read_gguf, resolve, split_parts
 
 BACKEND = "llama-cpp"
@@ -276,6 +276,9 @@ class LlamaCppTracer:
         self._pieces: dict[int, str] = {}
         self.logits: np.ndarray | None = None  # llama.cpp's own logits at the last traced position
         self.keep_all_logits = False  # tests: keep them at every traced position
+        # (strength x directions [n_blocks - 1, d], first, last) while a steered lens runs
+        # (tracing.steering.applied): llama.cpp's control vector on this lens's context.
+        self.control_vector: tuple | None = None
         self.timings: dict[str, float] = {}
         self.probe_error = self._probe()
 
@@ -426,6 +429,8 @@ class LlamaCppTracer:
             )
         graph = self._context(len(ids))
         graph.clear()
+        if self.control_vector is not None:
+            set_control_vector(graph.ctx, self.d_model, *self.control_vector)
         capture = self._capture
         capture.start(len(traced))
         is_traced = np.zeros(len(ids), bool)
