@@ -4,6 +4,7 @@
     >>> result = tracing.trace("The capital of Germany is", target=" Berlin")
     >>> print(result.table())
     >>> grid = tracing.patch("The capital of Germany is", "The capital of France is", " Berlin", " Paris")
+    >>> parts = tracing.attribute("The capital of Germany is", target=" Berlin", contrast=" Paris")
     >>> heads = tracing.attention("The capital of Germany is", layers=[10])
 
 Backends return the same `LensResult`; errors a user can cause are `LensbenchError`s.
@@ -32,6 +33,9 @@ _LAZY = {
     "patch": "patching",
     "patch_with": "patching",
     "PatchResult": "patching",
+    "attribute": "attribution",
+    "attribute_with": "attribution",
+    "AttributionResult": "attribution",
     "attention": "attention",
     "attention_with": "attention",
     "routing_with": "attention",

@@ -77,6 +77,7 @@ COMMANDS = {
     "lens": "tracing.__main__:run_lens",
     "train-lens": "tracing.train_lens:run_train_lens",
     "patch": "tracing.patching:run_patch",
+    "attribute": "tracing.attribution:run_attribute",
     "steer-vector": "tracing.steering:run_steer_vector",
     "attention": "tracing.attention:run_attention",
 }
