@@ -89,6 +89,7 @@ class RoutingResult:
     n_experts: int | None
     experts: np.ndarray  # [moe layers, positions, k] int
     weights: np.ndarray  # [moe layers, positions, k] float32
+    token_ids: list[int] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -171,7 +172,7 @@ class AttentionResult:
 
         per_head = len(self.layers) * len(self.heads) <= 64
         for li, layer in enumerate(self.layers):
-            lines.append(f"layer {layer} ({self.layer_labels[li]})")
+            lines.append(f"layer {layer} · {self.layer_labels[li]}")
             if per_head:
                 for hi, label in enumerate(self.head_labels):
                     lines.append(f"  {label:<24}{top(self.pattern[li, hi, -1])}")
@@ -299,7 +300,7 @@ def _choose(runtime, n: int, layers, heads, queries, max_bytes: int):
     )
 
 
-def _routing_result(tracer, raw: RawRouting | None, tokens: list[str]) -> RoutingResult | None:
+def _routing_result(tracer, raw: RawRouting | None, ids: list[int], tokens: list[str]) -> RoutingResult | None:
     if raw is None or not raw.blocks:
         return None
     ks = {e.shape[-1] for e in raw.experts}
@@ -317,6 +318,7 @@ def _routing_result(tracer, raw: RawRouting | None, tokens: list[str]) -> Routin
         n_experts=raw.n_experts,
         experts=np.take_along_axis(experts, order, -1),
         weights=np.take_along_axis(weights, order, -1),
+        token_ids=list(ids),
     )
 
 
@@ -368,7 +370,7 @@ def attention_with(
         kv_groups=kv_groups,
         head_labels=[f"head {h} (KV group {g})" if grouped else f"head {h}" for h, g in zip(head_list, kv_groups)],
         layer_labels=[kinds[b].label for b in blocks],
-        routing=_routing_result(tracer, raw, tokens),
+        routing=_routing_result(tracer, raw, ids, tokens),
         info={"fetched": fetched, "pattern_bytes": int(pattern.nbytes), "seconds": round(seconds, 4),
               "heads_per_kv_group": group, **getattr(runtime, "facts", {})},
     )
@@ -387,7 +389,7 @@ def routing_with(tracer, ids_or_prompt: str | Sequence[int]) -> RoutingResult | 
         ids = _check_ids(tracer, None, ids_or_prompt)
     with tracer.lock():
         _, raw = runtime.run(ids, [], [], (len(ids) - 1, len(ids)), True)
-    return _routing_result(tracer, raw, [tracer.decode_one(i) for i in ids])
+    return _routing_result(tracer, raw, ids, [tracer.decode_one(i) for i in ids])
 
 
 def attention(
@@ -618,6 +620,7 @@ class TorchAttention:
         pattern = np.zeros((len(blocks), len(heads), stop - start, stop), np.float32)
         routed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         head_index = torch.tensor(list(heads), dtype=torch.long)
+        reading = [0.0]  # seconds spent copying probabilities out of the forward
         handles = []
 
         def keep_pattern(slot: int):
@@ -628,8 +631,10 @@ class TorchAttention:
                         f"{type(_m).__name__} did not return its attention probabilities under eager attention, "
                         "so its patterns cannot be read."
                     )
+                began = time.perf_counter()
                 rows = weights[0, head_index.to(weights.device), start:stop, :stop]
                 pattern[slot] = rows.float().cpu().numpy()
+                reading[0] += time.perf_counter() - began
             return hook
 
         def keep_routing(block: int, n_experts: int):
@@ -663,6 +668,7 @@ class TorchAttention:
                 h.remove()
             if needs_eager:
                 self.model.set_attn_implementation(previous)
+        self.facts["read_seconds"] = round(reading[0], 5)
         raw = None
         if routing and self.routers:
             order = sorted(routed)
@@ -766,6 +772,7 @@ class LlamaCppAttention:
         graph = self._context(n)
         pattern = np.zeros((len(blocks), len(heads), stop - start, stop), np.float32)
         span = [0, 0]  # the positions of the current decode
+        reading = [0.0]  # seconds spent copying probabilities out of the graph
         handlers = {}
 
         def read_pattern(slot: int):
@@ -779,10 +786,12 @@ class LlamaCppAttention:
                 lo, hi = max(start, span[0]), min(stop, span[1])
                 if lo >= hi:
                     return
+                began = time.perf_counter()
                 keys = min(stop, int(n_kv))
                 for hj, h in enumerate(heads):
                     rows = view.slab(h, lo - span[0], hi - lo)
                     pattern[slot, hj, lo - start : hi - start, :keys] = rows[:, :keys]
+                reading[0] += time.perf_counter() - began
             return handler
 
         for slot, b in enumerate(blocks):
@@ -806,10 +815,11 @@ class LlamaCppAttention:
 
                 handlers[topk_name.encode()] = read_topk
                 handlers[weights_name.encode()] = read_weights
-        # Routing needs every position as an output: the last block computes its MLP for the outputs only.
+        # Routing in the last block needs every position as an output: llama.cpp computes the last
+        # block's MLP for the positions whose logits are asked for only.
         outputs = np.zeros(n, bool)
         outputs[-1] = True
-        if routing and self.moe:
+        if routing and self.moe and self.moe[-1][0] == self.n_blocks - 1:
             outputs[:] = True
         max_outputs = max(1, _OUTPUT_BYTES_PER_DECODE // (4 * graph.n_vocab))
         graph.callback.handlers = handlers
@@ -823,6 +833,7 @@ class LlamaCppAttention:
         finally:
             graph.callback.handlers = {}
             graph.clear()
+        self.facts["read_seconds"] = round(reading[0], 5)
         raw = None
         if routing and self.moe:
             order = [b for b, _, _ in self.moe]
