@@ -48,6 +48,12 @@ def hooks_vector(smollm2_hooks):
     return build_with(smollm2_hooks, POSITIVE, NEGATIVE)
 
 
+@pytest.fixture(scope="module")
+def llama_reads(smollm2_llama_cpp):
+    """The examples' residuals read independently of tracing/ (see `llama_residuals`): (positive, negative)."""
+    return llama_residuals(smollm2_llama_cpp, POSITIVE), llama_residuals(smollm2_llama_cpp, NEGATIVE)
+
+
 def test_the_worked_example_is_32_pairs():
     positive, negative = example()
     assert len(positive) == len(negative) == 32 and len(set(positive)) == 32
@@ -94,10 +100,13 @@ def hf_residuals(tracer, texts) -> np.ndarray:
 
 @pytest.mark.parametrize("runtime", ["llama", "hooks"])
 def test_the_mean_vector_is_the_mean_difference_of_independently_read_residuals(runtime, request):
-    tracer = request.getfixturevalue("smollm2_llama_cpp" if runtime == "llama" else "smollm2_hooks")
     vector = request.getfixturevalue(f"{runtime}_vector")
-    read = llama_residuals if runtime == "llama" else hf_residuals
-    expected = read(tracer, POSITIVE).mean(0) - read(tracer, NEGATIVE).mean(0)
+    if runtime == "llama":
+        positive, negative = request.getfixturevalue("llama_reads")
+    else:
+        tracer = request.getfixturevalue("smollm2_hooks")
+        positive, negative = hf_residuals(tracer, POSITIVE), hf_residuals(tracer, NEGATIVE)
+    expected = positive.mean(0) - negative.mean(0)
     assert vector.directions.shape == (30, 576) and not vector.directions[0].any()
     # transformers' last hidden state has the final norm applied: compare blocks 1 .. 28 there
     last = 30 if runtime == "llama" else 29
@@ -106,9 +115,9 @@ def test_the_mean_vector_is_the_mean_difference_of_independently_read_residuals(
     assert np.nanmax(vector.separation) == 1.0  # some layers split the two sets completely
 
 
-def test_pca_is_the_first_singular_vector_of_the_paired_differences(smollm2_llama_cpp, llama_vector):
+def test_pca_is_the_first_singular_vector_of_the_paired_differences(smollm2_llama_cpp, llama_vector, llama_reads):
     pca = build_with(smollm2_llama_cpp, POSITIVE, NEGATIVE, method="pca")
-    differences = llama_residuals(smollm2_llama_cpp, POSITIVE) - llama_residuals(smollm2_llama_cpp, NEGATIVE)
+    differences = llama_reads[0] - llama_reads[1]
     for layer in (3, 15, 29):
         d = differences[:, layer].astype(np.float64)
         values, vectors = np.linalg.eigh(d.T @ d)  # uncentred: the power iteration's matrix in cvector-generator
@@ -210,6 +219,7 @@ def test_a_saved_vector_is_a_llama_cpp_control_vector_and_loads_back(llama_vecto
     loaded = load_vector(path, None)
     np.testing.assert_array_equal(loaded.directions, llama_vector.directions)
     assert (loaded.method, loaded.n_blocks, loaded.n_positive, loaded.model) == ("mean", 30, 8, llama_vector.model)
+    np.testing.assert_allclose(loaded.separation[1:], llama_vector.separation[1:])
     assert SteeringVector.load(path, None).key == llama_vector.key
 
 
@@ -260,7 +270,7 @@ def test_a_sweep_is_one_answer_per_strength_with_one_seed(llama_vector):
 
 
 def test_pytorch_strength_zero_is_the_unsteered_answer_and_a_vector_changes_it(hooks_vector):
-    options = dict(backend="hooks", device="cpu", temperature=0.8, max_tokens=16, seed=3)
+    options = dict(backend="hooks", device="cpu", temperature=0.8, max_tokens=10, seed=3)
     plain = generate(NEIGHBOR, None, **options)
     zero = generate(NEIGHBOR, (hooks_vector, 0.0, "8-20"), **options)
     assert zero.text == plain.text and plain.text
@@ -352,3 +362,17 @@ def test_command_lines_build_save_and_refuse_with_one_line(smollm2_llama_cpp, tm
     ):
         assert chat_main(chat_args) == 2, chat_args
         assert expected in one_error_line(capsys)
+
+
+def test_the_figures_the_steer_tab_draws(llama_vector):
+    from ui.steer_plots import profile_figure, reading_figure
+
+    reading = reading_figure(llama_vector, top_k=4)
+    heatmap = reading.data[0]
+    assert len(heatmap.z) == 29 and len(heatmap.z[0]) == 8  # layers 1..29 x 4 suppressed + 4 promoted
+    assert heatmap.z[-1][0] < 0 < heatmap.z[-1][-1]
+    assert list(reading.layout.yaxis.ticktext)[-1] == "layer 29"
+    profile = profile_figure(llama_vector, (8, 20))
+    assert [t.name for t in profile.data] == ["length", "separates"] and len(profile.data[0].x) == 29
+    unread = SteeringVector("m", "llama", 30, 576, llama_vector.directions, "mean")
+    assert "not been read" in reading_figure(unread).layout.annotations[0].text

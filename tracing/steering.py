@@ -194,6 +194,8 @@ class SteeringVector:
         writer.add_uint32("lensbench.block_count", self.n_blocks)
         writer.add_uint32("lensbench.n_positive", self.n_positive)
         writer.add_uint32("lensbench.n_negative", self.n_negative)
+        if self.separation is not None:
+            writer.add_array("lensbench.separation", [float(x) for x in np.nan_to_num(self.separation[1:], nan=-1.0)])
         for layer in self.layers:
             writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(self.directions[layer], dtype=np.float32))
         try:
@@ -695,6 +697,11 @@ def load_vector(path: str | Path, model=None, *, check: bool = True) -> Steering
     for layer, values in directions.items():
         table[layer] = values
     method = field_value("lensbench.method") or "file"
+    separation = field_value("lensbench.separation")
+    if separation is not None and len(separation) == table.shape[0] - 1:
+        separation = np.array([np.nan] + [np.nan if x < 0 else x for x in separation])
+    else:
+        separation = None
     vector = SteeringVector(
         model=str(field_value("lensbench.model") or name),
         model_hint=str(field_value(f"{_ARCH}.model_hint") or "unknown"),
@@ -704,6 +711,7 @@ def load_vector(path: str | Path, model=None, *, check: bool = True) -> Steering
         method=str(method) if blocks else "file",
         n_positive=int(field_value("lensbench.n_positive") or 0),
         n_negative=int(field_value("lensbench.n_negative") or 0),
+        separation=separation,
         source=str(path),
     )
     if check:
