@@ -284,3 +284,21 @@ def test_command_line_json_table_and_errors(smollm2_llama_cpp, capsys):
                  "--target", "Berlin"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: The target 'Berlin' is 2 tokens") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_figures_show_the_parts(smol, smollm2_hooks):
+    from ui.attribution_plots import heads_heatmap, layer_bars
+
+    hooks, _ = smol
+    bars = layer_bars(hooks)
+    attention, mlp, other, running = bars.data
+    assert attention.y[1:-1] == tuple(hooks.attention) and mlp.y[1:-1] == tuple(hooks.mlp)
+    assert other.y[0] == hooks.embeddings and other.y[-1] == hooks.bias and len(attention.x) == 32
+    assert running.y[-1] == pytest.approx(hooks.final_logit, abs=1e-4)
+    heat = heads_heatmap(hooks)
+    assert np.asarray(heat.data[0].z).shape == (30, 9) and heat.data[0].zmid == 0
+    note = heads_heatmap(attribute_with(smollm2_hooks, "The capital of Germany is", " Berlin", heads=False))
+    assert "not asked for" in note.layout.annotations[0].text
