@@ -293,6 +293,8 @@ class AttributionResult:
         lines.append(f"{'total':<12}{self.total:>10.4f}   (model: {self.final_logit:.4f})")
         if self.heads is None and self.heads_note:
             lines.append(f"heads: {self.heads_note}")
+        if self.info.get("note"):
+            lines.append(f"note: {self.info['note']}")
         return "\n".join(lines)
 
 
@@ -407,9 +409,13 @@ def attribute_with(
         "seconds": round(seconds, 4),
         **parts.facts,
     }
+    notes = [parts.facts.pop("note")] if "note" in parts.facts else []
+    info.pop("note", None)
     if readout.softcap:
-        info["note"] = (f"the model soft-caps its logits (tanh(x / {readout.softcap:g}) x {readout.softcap:g}) "
+        notes.insert(0, f"the model soft-caps its logits (tanh(x / {readout.softcap:g}) x {readout.softcap:g}) "
                         "after the sum: the parts add up to the logit before the soft-cap")
+    if notes:
+        info["note"] = "; ".join(notes)
     return AttributionResult(
         model=tracer.model_name,
         backend=tracer.backend,
@@ -547,7 +553,7 @@ class TorchAttribution:
         return True
 
     def _find_heads(self, probe: torch.Tensor):
-        """Per block: (output projection, heads, its weight [d, heads, head_dim], steps after it), or
+        """Per block: (output projection, heads, its weight per head [heads, head_dim, d], steps after it), or
         (None, why not). The output projection is the attention's Linear whose output is the
         attention's output (one probe forward)."""
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
@@ -589,7 +595,8 @@ class TorchAttribution:
             if write.attn_scale != 1:
                 steps.append(("scale", write.attn_scale))
             weight = o_proj.weight.detach().double().cpu().numpy()  # [d, heads x head_dim]
-            found.append((o_proj, n_heads, weight.reshape(weight.shape[0], n_heads, -1), steps))
+            per_head = np.ascontiguousarray(weight.reshape(weight.shape[0], n_heads, -1).transpose(1, 2, 0))
+            found.append((o_proj, n_heads, per_head, steps))  # [heads, head_dim, d]
         return found, None
 
     def read(self, ids: list[int], heads: bool) -> Parts:
@@ -644,7 +651,7 @@ class TorchAttribution:
             shares, rests, worst = [], [], 0.0
             for i, (_, n_heads, weight, steps) in enumerate(self.heads):
                 z = vector(last[("z", i)]).reshape(n_heads, -1)
-                raw = np.einsum("hk,dhk->hd", z, weight)
+                raw = np.matmul(z[:, None, :], weight)[:, 0]  # head h: z_h @ W_o[:, h].T
                 share, rest = route_heads(raw, steps)
                 worst = max(worst, check_heads(share, rest, attention[i]))
                 shares.append(share)
@@ -700,6 +707,12 @@ class LlamaCppAttribution:
         unembed = head.unembed
         self.readout = Readout(norm, lambda ids: np.stack([_dequantize_row(unembed, i) for i in ids]), None,
                                scale, softcap)
+        self._rounding_note = None
+        if unembed.type_name not in ("f32", "f16"):
+            self._rounding_note = (
+                f"llama.cpp rounds the normed residual to 8 bits before multiplying it by the {unembed.type_name} "
+                "output matrix, which no sum of parts reproduces: the parts add up to the logit without that "
+                "rounding (the difference is the error)")
         self._tensors: dict[str, object] = {}
         probe = (tracer.encode("The lens") + [0, 0])[:3]
         self._layouts = {False: self._find(probe), True: None}
@@ -901,6 +914,8 @@ class LlamaCppAttribution:
         softcap = self.readout.softcap
         logits = output if softcap is None else softcap * np.arctanh(np.clip(output / softcap, -1 + 1e-12, 1 - 1e-12))
         parts = Parts(embeddings, attention, mlp, outs[-1], logits, output, heads_note=layout["heads_note"])
+        if self._rounding_note:
+            parts.facts["note"] = self._rounding_note
         if with_heads:
             shares, rests, worst = [], [], 0.0
             for i, (w_o, steps) in enumerate(layout["heads"]):
