@@ -158,6 +158,13 @@ def test_what_a_person_can_get_wrong(smollm2_llama_cpp):
         tracing.attention(PROMPT, backend="tuned-lens")
 
 
+def test_gemma3_gguf_labels_its_sliding_layers_as_llama_cpp_runs_them(gemma3_llama_cpp):
+    """Gemma 3 270M: a window of 512 tokens (its metadata) in five layers of every six (llama.cpp's rule)."""
+    result = attention_with(gemma3_llama_cpp, PROMPT, layers=[1, 5, 6, 12], heads=[0])
+    assert result.layer_labels == ["sliding window of 512 tokens"] * 2 + ["full attention"] * 2
+    check_causal_rows(result, 1e-5)
+
+
 # ---------------------------------------------------------------- Llama 4's layers and MoE routing
 
 

@@ -278,8 +278,8 @@ def _choose(runtime, n: int, layers, heads, queries, max_bytes: int):
                 f"Query positions {start}:{stop} are outside the prompt: it has {n} tokens, positions 0 to {n - 1} "
                 f"(a range A:B takes positions A to B - 1)."
             )
-    what = (f"{len(blocks)} layer{'s' * (len(blocks) != 1)} x {len(head_list)} head{'s' * (len(head_list) != 1)}, "
-            f"queries {start}-{stop - 1} over keys 0-{stop - 1}")
+    shape = f"{len(blocks)} layer{'s' * (len(blocks) != 1)} x {len(head_list)} head{'s' * (len(head_list) != 1)}"
+    what = f"{shape}, queries {start}-{stop - 1} over keys 0-{stop - 1}"
     size = pattern_bytes(len(blocks), len(head_list), start, stop)
     if size <= max_bytes:
         return blocks, head_list, (start, stop), f"{what}: {_human(size)}"
@@ -290,9 +290,9 @@ def _choose(runtime, n: int, layers, heads, queries, max_bytes: int):
         start = n - count
         fetched = pattern_bytes(len(blocks), len(head_list), start, n)
         return blocks, head_list, (start, n), (
-            f"{len(blocks)} layers x {len(head_list)} heads, the last {count} queries ({start}-{n - 1}) over keys "
-            f"0-{n - 1}: {_human(fetched)}. All {n} queries would be {_human(size)}, over the {_human(max_bytes)} "
-            "fetched at once; ask for layers or another query range to see the others"
+            f"{shape}, the last {count} queries ({start}-{n - 1}) over keys 0-{n - 1}: {_human(fetched)}. All {n} "
+            f"queries would be {_human(size)}, over the {_human(max_bytes)} fetched at once; ask for fewer layers "
+            "or heads, or another query range, to see the others"
         )
     raise BadChoice(
         f"The attention patterns asked for ({what}) are {_human(size)}, more than the {_human(max_bytes)} fetched "
