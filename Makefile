@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_llama_cpp.py
 	$(PY) bench/bench_chat.py
 	$(PY) bench/bench_patching.py
+	$(PY) bench/bench_steering.py
 	$(PY) bench/bench_attribution.py
 	$(PY) bench/bench_attention.py
 
