@@ -37,7 +37,7 @@ SCOUT = {"layers": 48, "d_model": 5120, "heads": 40, "head_dim": 128, "active_pa
 
 def forward_fn(tracer, ids):
     """One plain forward of `ids`, as the runtime runs it, logits of the last position (llama.cpp: a
-    context like attribution's, up to 512 tokens a decode)."""
+    context like attribution's and the lens's, 128 tokens a decode)."""
     if tracer.backend == "hooks":
         import torch
 
@@ -51,13 +51,16 @@ def forward_fn(tracer, ids):
         return run
     from runtime.llama_cpp import GraphContext
 
-    graph = GraphContext(tracer.shared, len(ids), 512)
+    graph = GraphContext(tracer.shared, len(ids), 128)
     tracer._plain_graph = graph  # kept alive with the tracer
+    step = graph.n_ubatch
 
     def run():
         with tracer.lock():
             graph.clear()
-            graph.decode(ids, 0, [i == len(ids) - 1 for i in range(len(ids))])
+            for start in range(0, len(ids), step):
+                piece = ids[start : start + step]
+                graph.decode(piece, start, [start + i == len(ids) - 1 for i in range(len(piece))])
 
     return run
 
@@ -75,8 +78,6 @@ def measure(backend: str, model, threads: int, repeats: int) -> list[dict]:
         if backend == "llama-cpp":
             from llama_cpp import llama_cpp as C
 
-            if tracer._plain_graph.n_ubatch < len(ids):
-                raise SystemExit("the long prompt must fit one decode")
             runtime._ensure(len(ids))
             C.llama_set_n_threads(tracer._plain_graph.ctx, threads, threads)
             C.llama_set_n_threads(runtime.graph.ctx, threads, threads)
@@ -114,12 +115,13 @@ def measure(backend: str, model, threads: int, repeats: int) -> list[dict]:
 
 
 def scout_on_paper(llama: dict) -> dict:
-    """One position's capture for Scout, and the extra work: each head's output through W_o (one
-    [40, 5120] x [5120, 5120] product a block, run by ggml as one matmul with the other heads zeroed,
-    i.e. 40x the one-row product) against a prompt's forward (2 x 17.2B multiply-adds a token)."""
+    """One position's capture for Scout, and the extra work beyond the prompt's forward: each head's
+    output through its own columns of W_o (`QuantizedMatrix.matmul_heads`; with Q4_K's 256-wide
+    blocks and 128-wide heads, two heads share a block and each is multiplied by both heads' columns:
+    2 x 5120 x 5120 multiply-adds a block) against a token's forward (2 x 17.2B)."""
     s = SCOUT
     capture = ((1 + 2 * s["layers"]) * s["d_model"] + s["layers"] * s["heads"] * s["head_dim"]) * 4
-    heads_flops = 2 * s["layers"] * s["heads"] * s["d_model"] * s["heads"] * s["head_dim"]
+    heads_flops = 2 * s["layers"] * s["d_model"] * s["heads"] * s["head_dim"] * 2
     token_flops = 2 * s["active_params"]
     return {
         "capture_bytes_per_position": capture,

@@ -14,6 +14,7 @@ requirements.txt); `_check_abi` refuses to run if the library disagrees.
 from __future__ import annotations
 
 import ctypes
+import math
 import pathlib
 import threading
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ class _GGML:
         self.free = _bind(base, "ggml_free", None, p)
         self.new_tensor_2d = _bind(base, "ggml_new_tensor_2d", TensorP, p, ctypes.c_int, i64, i64)
         self.mul_mat = _bind(base, "ggml_mul_mat", TensorP, p, TensorP, TensorP)
+        self.view_3d = _bind(base, "ggml_view_3d", TensorP, p, TensorP, i64, i64, i64, sz, sz, sz)
+        self.blck_size = _bind(base, "ggml_blck_size", i64, ctypes.c_int)
         self.new_graph = _bind(base, "ggml_new_graph", p, p)
         self.build_forward_expand = _bind(base, "ggml_build_forward_expand", None, p, TensorP)
         self.row_size = _bind(base, "ggml_row_size", sz, ctypes.c_int, i64)
@@ -324,6 +327,58 @@ class QuantizedMatrix:
         finally:
             g.free(ctx)
         return out
+
+    def matmul_heads(self, z: np.ndarray) -> np.ndarray:
+        """z [heads, head_dim] float32 -> [heads, rows] float32: row h is W[:, h*head_dim:(h+1)*head_dim]
+        @ z[h], each head's own columns times its own vector (an attention output projection split by
+        head), with the activations rounded per block as `matmul` rounds a whole row.
+
+        One ggml matmul over a strided view of the matrix (nothing copied): heads go in groups of as
+        many as make whole quantization blocks (1 for Q8_0's 32-wide blocks and 64-wide heads, 2 for a
+        K-quant's 256 and heads of 128), each group's columns times its heads' vectors with the other
+        heads of the group zeroed. ValueError when the heads do not fill whole groups.
+        """
+        g = ggml()
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        heads, width = z.shape
+        block = int(g.blck_size(self.type))
+        group = block // math.gcd(block, width)
+        if heads * width != self.cols or heads % group:
+            raise ValueError(f"{heads} heads of {width} do not split a {self.type_name} row of {self.cols}")
+        groups, span = heads // group, group * width
+        span_bytes, row_bytes = g.row_size(self.type, span), g.row_size(self.type, self.cols)
+        if groups * span_bytes != row_bytes:
+            raise ValueError(f"{heads} heads of {width} do not split a {self.type_name} row of {self.cols}")
+        x = np.zeros((groups, group, span), dtype=np.float32)  # group k, its j-th head: z alone in its columns
+        for h in range(heads):
+            k, j = divmod(h, group)
+            x[k, j, j * width : (j + 1) * width] = z[h]
+        out = np.empty((groups, group, self.rows), dtype=np.float32)
+        params = GGMLInitParams(8 * g.tensor_overhead() + g.graph_overhead() + 1024, None, True)
+        ctx = g.init(params)
+        if not ctx:
+            raise MemoryError("ggml_init failed")
+        try:
+            w = g.new_tensor_2d(ctx, self.type, self.cols, self.rows)
+            w.contents.data = self.data.ctypes.data
+            # [span, rows, groups]: element (c, r, k) is W[r, k*span + c].
+            per_group = g.view_3d(ctx, w, span, self.rows, groups, row_bytes, span_bytes, 0)
+            a = g.new_tensor_2d(ctx, GGML_TYPE_F32, span, group * groups)
+            a.contents.data = x.ctypes.data
+            vectors = g.view_3d(ctx, a, span, group, groups, span * 4, group * span * 4, 0)
+            y = g.mul_mat(ctx, per_group, vectors)  # [rows, group, groups]
+            y.contents.data = out.ctypes.data
+            graph = g.new_graph(ctx)
+            g.build_forward_expand(graph, y)
+            plan = g.graph_plan(graph, self.n_threads, None)
+            work = np.empty(max(1, plan.work_size), dtype=np.uint8)
+            plan.work_data = work.ctypes.data
+            status = g.graph_compute(graph, ctypes.byref(plan))
+            if status != 0:
+                raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        finally:
+            g.free(ctx)
+        return out.reshape(heads, self.rows)
 
 
 # gguf.h's `enum gguf_type` -> the ctypes type of a scalar value.

@@ -195,6 +195,45 @@ def test_position_zero_and_a_one_token_prompt(smollm2_hooks, smollm2_llama_cpp):
         assert np.abs(parts_of(hooks) - parts_of(cpp)).max() < 0.3
 
 
+def test_a_prompt_longer_than_one_llama_cpp_decode(smollm2_hooks, smollm2_llama_cpp):
+    """llama.cpp decodes at most 128 tokens at a time here: the earlier ones go first, unread."""
+    prompt = " ".join(["My friend lives in the capital of Germany. The city is called Berlin."] * 10) + " The city is"
+    ids = smollm2_llama_cpp.encode(prompt)
+    assert len(ids) > 128 and ids == smollm2_hooks.encode(prompt)
+    hooks = attribute_with(smollm2_hooks, None, " called", ids=ids)
+    cpp = attribute_with(smollm2_llama_cpp, None, " called", ids=ids)
+    assert hooks.error <= COMPLETE * abs(hooks.final_logit) and cpp.error <= 1e-2 * abs(cpp.final_logit)
+    assert np.abs(parts_of(hooks) - parts_of(cpp)).max() < 0.3
+
+
+@pytest.mark.parametrize("heads, width, qtype", [(4, 64, "Q8_0"), (4, 16, "Q8_0"), (8, 8, "Q8_0"), (4, 16, "F32")])
+def test_each_heads_columns_times_its_own_vector(heads, width, qtype):
+    """`QuantizedMatrix.matmul_heads` (a strided view of W_o, heads grouped to fill whole quantization
+    blocks) is exactly ggml's product of the whole matrix with each head's vector alone; where a head
+    fills whole blocks (64 in Q8_0's 32) or the matrix is float, the heads add up to the whole product."""
+    import gguf
+    from gguf.quants import quantize
+
+    from runtime.ggml import QuantizedMatrix
+
+    rng = np.random.default_rng(0)
+    rows, cols = 48, heads * width
+    kind = gguf.GGMLQuantizationType[qtype]
+    data = quantize(rng.standard_normal((rows, cols)).astype(np.float32), kind)
+    matrix = QuantizedMatrix(np.frombuffer(data.tobytes(), np.uint8), int(kind), rows, cols)
+    z = rng.standard_normal((heads, width)).astype(np.float32)
+    alone = np.zeros((heads, cols), np.float32)
+    for h in range(heads):
+        alone[h, h * width : (h + 1) * width] = z[h]
+    split = matrix.matmul_heads(z)
+    if qtype == "F32":  # float32 sums in another order
+        np.testing.assert_allclose(split, matrix.matmul(alone), rtol=0, atol=1e-5)
+    else:  # the same 8-bit rounding of the same blocks, the same integer dot products
+        np.testing.assert_array_equal(split, matrix.matmul(alone))
+    if width == 64 or qtype == "F32":
+        np.testing.assert_allclose(split.sum(0), matrix.matmul(z.reshape(1, -1))[0], rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------- against TransformerLens
 
 
