@@ -321,6 +321,21 @@ def check_position(position: int, n_tokens: int) -> int:
     return p % n_tokens
 
 
+def _resolve_token(tracer, token) -> tuple[str, int] | None:
+    """(text, id) of a target or contrast: a string of one token (the lens's rule and messages), or a
+    token id (e.g. from a click on a table); None when not given."""
+    from .api import resolve_target
+
+    if token is None or isinstance(token, str) and token == "":
+        return None
+    if isinstance(token, (int, np.integer)):
+        vocab = getattr(tracer, "vocab_size", None) or getattr(tracer, "n_vocab", None)
+        if token < 0 or (vocab and token >= vocab):
+            raise BadTarget(f"Token id {token} is not in this model's vocabulary.")
+        return tracer.decode_one(int(token)), int(token)
+    return resolve_target(tracer, token)
+
+
 def attribute_with(
     tracer,
     prompt: str | None,
@@ -340,8 +355,6 @@ def attribute_with(
     runtime can. Returns an AttributionResult whose parts and bias add up to the model's own
     logit (difference), before any final soft-cap.
     """
-    from .api import resolve_target
-
     runtime = attribution_runtime(tracer)
     if ids is None:
         if prompt is None or not str(prompt).strip():
@@ -353,17 +366,7 @@ def attribute_with(
         raise BadPrompt(f"The prompt is {len(ids)} tokens, longer than this model's context of "
                         f"{tracer.context_length} tokens. Shorten it.")
     p = check_position(position, len(ids))
-    def resolve(token):
-        if token is None or isinstance(token, str) and token == "":
-            return None
-        if isinstance(token, (int, np.integer)):  # a token id, e.g. from a click on a table
-            vocab = getattr(tracer, "vocab_size", None) or getattr(tracer, "n_vocab", None)
-            if token < 0 or (vocab and token >= vocab):
-                raise BadTarget(f"Token id {token} is not in this model's vocabulary.")
-            return tracer.decode_one(int(token)), int(token)
-        return resolve_target(tracer, token)
-
-    target_pair, contrast_pair = resolve(target), resolve(contrast)
+    target_pair, contrast_pair = _resolve_token(tracer, target), _resolve_token(tracer, contrast)
     if target_pair and contrast_pair and target_pair[1] == contrast_pair[1]:
         raise BadTarget("The target and the contrast are the same token: the logit difference is always 0.")
     start = time.perf_counter()
@@ -415,8 +418,7 @@ def attribute_with(
         "seconds": round(seconds, 4),
         **parts.facts,
     }
-    notes = [parts.facts.pop("note")] if "note" in parts.facts else []
-    info.pop("note", None)
+    notes = [info.pop("note")] if "note" in info else []  # the runtime's, e.g. llama.cpp's rounding
     if readout.softcap:
         notes.insert(0, f"the model soft-caps its logits (tanh(x / {readout.softcap:g}) x {readout.softcap:g}) "
                         "after the sum: the parts add up to the logit before the soft-cap")
