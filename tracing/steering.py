@@ -121,7 +121,7 @@ class SteeringVector:
 
     @property
     def key(self) -> str:
-        """A fingerprint of the numbers (chat re-evaluates its prompt when the vector changes)."""
+        """A fingerprint of the directions: equal for the same numbers (a vector and its saved file)."""
         if "_key" not in self.__dict__:
             self.__dict__["_key"] = hashlib.sha1(np.ascontiguousarray(self.directions).tobytes()).hexdigest()[:16]
         return self.__dict__["_key"]
@@ -666,10 +666,7 @@ def load_vector(path: str | Path, model=None, *, check: bool = True) -> Steering
 
     def field_value(key):
         part = reader.get_field(key)
-        if part is None:
-            return None
-        value = part.contents()
-        return value
+        return None if part is None else part.contents()
 
     directions: dict[int, np.ndarray] = {}
     for tensor in reader.tensors:
