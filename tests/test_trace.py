@@ -216,8 +216,29 @@ def test_prompt_longer_than_the_context(smollm2_hooks):
 def test_target_that_is_not_one_token_says_how_it_tokenizes(smollm2_hooks):
     with pytest.raises(BadTarget, match=r"'Berlinxyz' is 3 tokens .*'Ber' \+ 'lin' \+ 'xyz'"):
         tracing.trace_with(smollm2_hooks, PROMPT, target="Berlinxyz")
-    with pytest.raises(BadTarget, match="leading space"):
+    with pytest.raises(BadTarget, match="leading space") as spaced:
         tracing.trace_with(smollm2_hooks, PROMPT, target="Berlin")
+    assert spaced.value.suggestion == " Berlin"  # what the app offers as one click
+    # A word in pieces: its first piece as the model writes it mid-sentence, not a lone letter.
+    with pytest.raises(BadTarget, match="first piece, ' Berlin'") as pieces:
+        tracing.trace_with(smollm2_hooks, PROMPT, target="Berlinxyz")
+    assert pieces.value.suggestion == " Berlin"
+
+
+def test_a_likelier_spelling_of_the_target_is_reported(smollm2_hooks):
+    result = tracing.trace_with(smollm2_hooks, "The Eiffel Tower is in the city of", target="Paris")
+    assert result.target.token == "Paris" and result.target.suggestion == " Paris"
+    assert result.target.suggestion_prob > 0.5 > float(result.target.prob[-1, -1])
+    assert "' Paris' is likelier than 'Paris'" in result.table() and result.to_dict()["target"]["suggestion"] == " Paris"
+    assert tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin").target.suggestion is None
+
+
+def test_some_positions_only_on_a_backend_that_computes_all(smollm2_hooks):
+    every = tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin")
+    some = tracing.trace_with(smollm2_hooks, PROMPT, target=" Berlin", positions=[3, 4])
+    assert some.positions == [3, 4] and some.topk_ids.shape[1] == 2
+    np.testing.assert_array_equal(some.topk_ids, every.topk_ids[:, 3:])
+    np.testing.assert_allclose(some.target.prob, every.target.prob[:, 3:], rtol=1e-5)
 
 
 def test_bad_settings(smollm2_hooks):
@@ -283,6 +304,28 @@ def test_hub_id_offline_is_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFound, match="could not be fetched from the Hugging Face hub"):
         tracing.trace(PROMPT, model="nobody-here/no-such-model")
+
+
+def test_model_load_failures_are_one_sentence():
+    from tracing.loading import _config_problem
+    from tracing.models import ModelSource
+
+    hub = ModelSource("hub", "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B")
+
+    def caused_by(name: str, text: str = "x") -> Exception:
+        outer = OSError(text)
+        outer.__cause__ = type(name, (Exception,), {})("inner")
+        return outer
+
+    gated = str(_config_problem(caused_by("GatedRepoError"), hub, False))
+    missing = str(_config_problem(caused_by("RepositoryNotFoundError"), hub, False))
+    offline = str(_config_problem(caused_by("LocalEntryNotFoundError"), hub, False))
+    unknown = _config_problem(ValueError("The checkpoint you are trying to load has model type `newarch` but "
+                                         "Transformers does not recognize this architecture."), hub, False)
+    assert "gated" in gated and "no such model" in missing and "no network" in offline
+    assert "architecture ('newarch')" in str(unknown) and type(unknown).__name__ == "UnsupportedModel"
+    for message in (gated, missing, offline, str(unknown)):
+        assert message.count(". ") == 0 and message.endswith("."), message  # one sentence
 
 
 def test_device_and_half_precision_defaults(monkeypatch):

@@ -83,7 +83,8 @@ def open_tracer(model=None, backend: str = "hooks", **options) -> Tracer:
 
 
 def resolve_target(tracer: Tracer, target: str) -> tuple[str, int]:
-    """A target string must be exactly one token; say how it tokenizes when it is not."""
+    """A target string must be exactly one token; say how it tokenizes when it is not, and offer
+    a one-token target instead (`BadTarget.suggestion`)."""
     if target is None or target == "":
         raise BadTarget("The target token is empty.")
     ids = tracer.encode_target(target)
@@ -92,15 +93,39 @@ def resolve_target(tracer: Tracer, target: str) -> tuple[str, int]:
     if not ids:
         raise BadTarget(f"The target {target!r} is not a token of this model's vocabulary.")
     pieces = " + ".join(repr(tracer.decode_one(i)) for i in ids)
-    hint = ""
-    if not target.startswith(" "):
+    problem = f"The target {target!r} is {len(ids)} tokens for this model ({pieces}), not one."
+    if not target[0].isspace():
         spaced = tracer.encode_target(" " + target)
         if len(spaced) == 1:
-            hint = f" With a leading space, {' ' + target!r} is one token: use that."
-    raise BadTarget(
-        f"The target {target!r} is {len(ids)} tokens for this model ({pieces}), not one. "
-        f"Pick a single token, e.g. {tracer.decode_one(ids[0])!r}.{hint}"
-    )
+            raise BadTarget(f"{problem} With a leading space, {' ' + target!r} is one token: use that.",
+                            suggestion=" " + target)
+        ids = spaced  # mid-sentence a word comes with its space: its first piece is what the model writes first
+    first = tracer.decode_one(ids[0])
+    if "\ufffd" in first or not first.strip():  # a piece of a character, or a bare space: no help
+        raise BadTarget(f"{problem} Pick one whole word the model might write next.")
+    raise BadTarget(f"{problem} The lens follows one token: try the word's first piece, {first!r}, "
+                    "which the model writes first.", suggestion=first)
+
+
+def other_spelling(tracer: Tracer, target: str) -> tuple[str, int] | None:
+    """The target with its leading space added or removed ("Paris" <-> " Paris") when that is one
+    token too: the result says so when the model finds that spelling likelier."""
+    other = target[1:] if target.startswith(" ") else " " + target
+    if not other.strip():
+        return None
+    ids = tracer.encode_target(other)
+    return (other, ids[0]) if len(ids) == 1 else None
+
+
+def _residuals_at(tracer: Tracer, ids: list[int], positions: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """Residual rows at `positions` only: the tracer's own selection when it takes one (llama.cpp
+    computes no other position), else every position's rows, then those."""
+    import inspect
+
+    if "positions" in inspect.signature(tracer.residuals).parameters:
+        return tracer.residuals(ids, False, positions=positions)
+    hidden, kinds = tracer.residuals(ids, False)
+    return hidden[:, list(positions)], kinds
 
 
 def trace_with(
@@ -118,8 +143,8 @@ def trace_with(
 ) -> LensResult:
     """Trace `prompt` (or ready token `ids`) with an opened tracer.
 
-    positions: trace only these positions (for tracers whose `residuals` take `positions=`, as
-    the llama.cpp one does for a chat reply); default all, or the last with `last_only`.
+    positions: trace only these positions (e.g. a chat reply's); default all, or the last with
+    `last_only`.
     info: facts to keep in `result.info`.
     steering: trace with a steering vector applied (`tracing.steering.Steering`, or (vector,
     strength[, layers])), on the hooks and llama-cpp backends.
@@ -140,6 +165,7 @@ def trace_with(
             f"{tracer.context_length} tokens. Shorten it."
         )
     target_pair = resolve_target(tracer, target) if target else None
+    alternative = other_spelling(tracer, target_pair[0]) if target_pair else None
     info = {**getattr(tracer, "info", {}), **(info or {})}  # e.g. the weights' dtype and why
     steered = contextlib.nullcontext()
     if steering is not None:
@@ -155,7 +181,7 @@ def trace_with(
                 hidden, kinds = tracer.residuals(ids, last_only)
                 positions = [len(ids) - 1] if last_only else list(range(len(ids)))
             else:
-                hidden, kinds = tracer.residuals(ids, False, positions=positions)
+                hidden, kinds = _residuals_at(tracer, ids, positions)
             result = build_result(
                 hidden,
                 tracer.project,
@@ -168,6 +194,7 @@ def trace_with(
                 top_k=int(top_k),
                 temperature=float(temperature),
                 target=target_pair,
+                alternative=alternative,
                 info=info,
                 vocab_size=getattr(tracer, "vocab_size", None),
             )

@@ -30,7 +30,15 @@ class BadPrompt(LensbenchError):
 
 
 class BadTarget(LensbenchError):
-    """The target string is not exactly one token of this model's vocabulary."""
+    """The target string is not exactly one token of this model's vocabulary.
+
+    `suggestion`: a one-token target to offer instead (e.g. ' Berlin' for 'Berlin'), or None.
+    """
+
+    def __init__(self, message: str, suggestion: str | None = None):
+        super().__init__(message)
+        self.suggestion = suggestion
+
 
 
 class BadChoice(LensbenchError):

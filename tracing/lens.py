@@ -31,6 +31,10 @@ class TargetTrace:
     id: int
     prob: np.ndarray  # [rows, positions]
     rank: np.ndarray  # [rows, positions]; 1 = the top prediction
+    # The same word with its leading space added or removed (" Paris" for "Paris"), when that is one
+    # token and the model's output at the last traced position finds it likelier; its probability there.
+    suggestion: str | None = None
+    suggestion_prob: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -38,7 +42,21 @@ class TargetTrace:
             "id": self.id,
             "prob": self.prob.tolist(),
             "rank": self.rank.tolist(),
+            "suggestion": self.suggestion,
+            "suggestion_prob": self.suggestion_prob,
         }
+
+    def note(self) -> str | None:
+        """One sentence for a person when another spelling of the target is likelier, else None."""
+        if self.suggestion is None:
+            return None
+        def pct(p: float) -> str:
+            return f"{p:.1%}" if p >= 0.001 else "<0.1%"
+
+        return (f"{self.suggestion!r} is likelier than {self.token!r} at the output "
+                f"({pct(self.suggestion_prob)} vs {pct(float(self.prob[-1, -1]))}): the model may "
+                f"write this word {'with' if self.suggestion.startswith(' ') else 'without'} a leading space. "
+                f"Try the target {self.suggestion!r}.")
 
 
 @dataclass
@@ -113,6 +131,8 @@ class LensResult:
         header = f"{'layer':<16} {'entropy':>7}  top-{self.topk_ids.shape[-1]}"
         if self.target:
             header += f"   | p({self.target.token!r})  rank"
+            if self.target.note():
+                lines.append(f"note: {self.target.note()}")
         lines.append(header)
         for r, label in enumerate(self.layers):
             cells = "  ".join(
@@ -313,11 +333,13 @@ def build_result(
     top_k: int = 5,
     temperature: float = 1.0,
     target: tuple[str, int] | None = None,
+    alternative: tuple[str, int] | None = None,
     info: dict | None = None,
     vocab_size: int | None = None,
 ) -> LensResult:
     """Everything a backend needs once it has the residual rows [rows, positions, d_model]
-    and a way to project them to logits (see `summarize`)."""
+    and a way to project them to logits (see `summarize`). `alternative`: another spelling of
+    the target (`api.other_spelling`), suggested when the output finds it likelier."""
     n_rows = hidden.shape[0]
     stats = summarize(
         hidden,
@@ -330,7 +352,7 @@ def build_result(
     text = TokenText(decode_one)
     topk_tokens = [[[text(i) for i in cell] for cell in row] for row in stats["topk_ids"].tolist()]
     kinds = list(lens_kinds) if lens_kinds else ["logit"] * (n_rows - 1)
-    return LensResult(
+    result = LensResult(
         model=model,
         backend=backend,
         tokens=[text(i) for i in token_ids],
@@ -351,3 +373,16 @@ def build_result(
         temperature=temperature,
         info=dict(info or {}),
     )
+    if target and alternative:
+        _suggest(result.target, alternative, hidden, project, temperature)
+    return result
+
+
+def _suggest(trace: TargetTrace, alternative: tuple[str, int], hidden, project, temperature: float) -> None:
+    """Set `trace.suggestion` when `alternative` is likelier than the target at the output row's
+    last traced position (one more cell projected)."""
+    with torch.no_grad():
+        z = project(hidden[-1:, -1:]).float()[0, 0] / temperature
+        p_alt = float(torch.softmax(z, -1)[alternative[1]])
+    if p_alt > float(trace.prob[-1, -1]):
+        trace.suggestion, trace.suggestion_prob = alternative[0], p_alt

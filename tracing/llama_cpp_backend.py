@@ -599,4 +599,26 @@ def trace_reply(
     )
 
 
-__all__ = ["LlamaCppTracer", "LensHead", "open_tracer", "read_head", "trace_reply", "BACKEND"]
+def reply_as_prompt(model, messages: list[dict], reply: str) -> tuple[str, int]:
+    """A chat reply as a prompt any lens can trace: the conversation templated as chat feeds it to
+    the model (special tokens written out, e.g. "<|im_start|>"), then the reply; and the index of
+    the reply's first token among that text's tokens. Tracing the text from that token on shows
+    the reply as the model read it, and the text says exactly what was traced."""
+    messages = list(messages)
+    if messages and messages[-1].get("role") == "assistant" and messages[-1].get("content") == reply:
+        messages = messages[:-1]
+    if not messages:
+        raise BadPrompt("The conversation is empty: there is no reply to trace.")
+    if not reply.strip():
+        raise BadPrompt("The reply is empty: there is nothing to trace.")
+    tracer = open_tracer(model)
+    prompt_ids = tracer.chat_prompt_ids(messages)
+    added = tracer.encode("")  # what encoding puts before any text (a BOS), written back by encode
+    if added and prompt_ids[: len(added)] == added:
+        prompt_ids = prompt_ids[len(added):]
+    text = b"".join(tracer.piece(i) for i in prompt_ids).decode("utf-8", "replace")
+    return text + reply, len(tracer.encode(text))
+
+
+__all__ = ["LlamaCppTracer", "LensHead", "open_tracer", "read_head", "trace_reply", "reply_as_prompt", "BACKEND"]
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -331,12 +332,7 @@ def _load_pretrained(
             source.location, local_files_only=local or offline, trust_remote_code=trust_remote_code
         )
     except Exception as exc:
-        if local:
-            raise BadModelFile(f"Could not read the model folder '{source.name}': {exc}") from None
-        raise ModelNotFound(
-            f"'{source.location}' is not a file or folder here, and it could not be fetched from the "
-            f"Hugging Face hub (offline, or no such model): {type(exc).__name__}"
-        ) from None
+        raise _config_problem(exc, source, local) from None
     n_params = _estimate_params(config)
     dtype, reason = pick_dtype(device, n_params * 4, requested)
     weights_bytes = n_params * _dtype_bytes(dtype)
@@ -354,12 +350,48 @@ def _load_pretrained(
             source.location, local_files_only=local, trust_remote_code=trust_remote_code
         )
     except (ValueError, KeyError) as exc:
-        raise UnsupportedModel(f"transformers cannot load '{source.name}' as a causal LM: {exc}") from None
+        reason = str(exc).split(". ")[0][:200]
+        raise UnsupportedModel(f"transformers cannot load '{source.name}' as a causal LM ({reason}).") from None
+    except OSError as exc:  # the download broke off, or a file is missing from the folder
+        raise _config_problem(exc, source, local) from None
     except torch.OutOfMemoryError:
         raise NotEnoughMemory(f"Ran out of memory loading '{source.name}'.") from None
     model.eval()
     return LoadedModel(source, model, tokenizer, device, dtype, weights_bytes,
                        info={"from_cache": False, **_dtype_info(dtype, reason, verdict)})
+
+
+def _config_problem(exc: Exception, source: ModelSource, local: bool) -> LensbenchError:
+    """Why a model's config could not be read, in one sentence: an architecture transformers does
+    not know, a gated or missing hub model, no network, or a damaged folder."""
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    unknown = isinstance(exc, (KeyError, ValueError)) and "model type" in text
+    if unknown or "does not recognize this architecture" in text:
+        found = re.search(r"model type `([^`]+)`", text)
+        kind = f" ('{found[1]}')" if found else ""
+        return UnsupportedModel(f"This version of transformers does not know the architecture{kind} of "
+                                f"'{source.name}'; a newer transformers may, and llama.cpp runs GGUF files of "
+                                "many more.")
+    if local:
+        return BadModelFile(f"Could not read the model folder '{source.name}' "
+                            f"({type(exc).__name__}: {str(exc)[:200]}).")
+    where = (f"'{source.location}' is not a file or folder here, and it could not be fetched from the "
+             "Hugging Face hub")
+    if "GatedRepoError" in names or "gated repo" in text:
+        return ModelNotFound(f"{where}: it is gated, so accept its licence on huggingface.co/{source.location} "
+                             "and log in with `hf auth login` first.")
+    if names & {"RepositoryNotFoundError", "RevisionNotFoundError"} or "not a valid model identifier" in text:
+        return ModelNotFound(f"{where}: there is no such model (check the spelling, as in "
+                             "'HuggingFaceTB/SmolLM2-135M').")
+    if names & {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError", "Timeout",
+                "ReadTimeout", "ConnectTimeout"} or "couldn't connect" in text or "offline" in text.lower():
+        return ModelNotFound(f"{where}: there is no network connection (or HF_HUB_OFFLINE is set).")
+    return ModelNotFound(f"{where} ({type(exc).__name__}).")
 
 
 def _estimate_params(config) -> int:

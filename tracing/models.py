@@ -76,8 +76,8 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
     if _HUB_ID.match(text) and not text.endswith(".gguf"):
         return ModelSource("hub", text, text)
     raise ModelNotFound(
-        f"No model called '{spec}': it is not a file or folder, and not in {MODELS_DIR}. "
-        "Put a .gguf file or a Hugging Face model folder in models/, or give a full path."
+        f"No model called '{spec}': it is not a file or folder, not in {MODELS_DIR}, and not a "
+        "Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M'."
     )
 
 
