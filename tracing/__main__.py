@@ -31,9 +31,30 @@ def lens_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--lens", default=None, help="with --backend tuned-lens-tuned: a tuned lens folder (config.json + params.pt)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    add_remote_arguments(parser)
     parser.add_argument("--ignore-memory-check", action="store_true",
                         help="load the model even if it looks bigger than this machine's memory")
     return parser
+
+
+def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--remote", action="store_true",
+                        help="run on NDIF's hosted model through nnsight (implies --backend nnsight; API key from "
+                             "NDIF_API_KEY or nnsight's config)")
+    parser.add_argument("--repo-id", default=None,
+                        help="with --remote and a local --model: the Hugging Face id NDIF hosts it under")
+
+
+def remote_options(args) -> dict:
+    """--remote: the nnsight backend's options (and the backend), or {} without it."""
+    if not args.remote:
+        return {}
+    if args.backend not in ("hooks", "nnsight"):  # hooks is the default: --remote alone means nnsight
+        from .errors import UnsupportedModel
+
+        raise UnsupportedModel(f"--remote runs on the nnsight backend, not '{args.backend}'.")
+    args.backend = "nnsight"
+    return {"remote": True, **({"repo_id": args.repo_id} if args.repo_id else {})}
 
 
 def run_lens(argv: list[str]) -> int:
@@ -42,6 +63,7 @@ def run_lens(argv: list[str]) -> int:
     from .models import ignoring_memory_check, print_memory_warnings
 
     options = {"lens": args.lens} if args.lens else {}
+    options.update(remote_options(args))
     if args.lens and args.backend != "tuned-lens-tuned":
         from .errors import UnsupportedModel
 

@@ -57,6 +57,7 @@ BACKENDS: dict[str, str] = {
     "tuned-lens": "tracing.tuned_lens_backend:open_tracer",
     "tuned-lens-tuned": "tracing.tuned_lens_backend:open_tuned_tracer",
     "llama-cpp": "tracing.llama_cpp_backend:open_tracer",
+    "nnsight": "tracing.nnsight_backend:open_tracer",
 }
 
 
@@ -177,7 +178,16 @@ def trace_with(
     start = time.perf_counter()
     with tracer.lock(), steered:
         try:
-            if positions is None:
+            stats = None
+            if hasattr(tracer, "statistics"):  # computed where the model runs (nnsight: maybe on NDIF)
+                if positions is None:
+                    positions = [len(ids) - 1] if last_only else list(range(len(ids)))
+                hidden = None
+                stats, kinds = tracer.statistics(
+                    ids, list(positions), top_k=int(top_k), temperature=float(temperature),
+                    target_id=target_pair[1] if target_pair else None,
+                    alternative_id=alternative[1] if alternative else None)
+            elif positions is None:
                 hidden, kinds = tracer.residuals(ids, last_only)
                 positions = [len(ids) - 1] if last_only else list(range(len(ids)))
             else:
@@ -197,6 +207,7 @@ def trace_with(
                 alternative=alternative,
                 info=info,
                 vocab_size=getattr(tracer, "vocab_size", None),
+                stats=stats,
             )
         except torch.OutOfMemoryError:
             from .errors import NotEnoughMemory

@@ -51,3 +51,8 @@ class BadControlVector(LensbenchError):
 
 class BadSetting(LensbenchError):
     """A setting out of its range: a layer range, a strength, a list of strengths."""
+
+
+class RemoteUnavailable(LensbenchError):
+    """A remote run (NDIF, through nnsight) cannot happen: no API key or a rejected one, the model
+    is not hosted, no network, or no answer in time. Local backends are unaffected."""

@@ -336,19 +336,25 @@ def build_result(
     alternative: tuple[str, int] | None = None,
     info: dict | None = None,
     vocab_size: int | None = None,
+    stats: dict | None = None,
 ) -> LensResult:
     """Everything a backend needs once it has the residual rows [rows, positions, d_model]
     and a way to project them to logits (see `summarize`). `alternative`: another spelling of
-    the target (`api.other_spelling`), suggested when the output finds it likelier."""
-    n_rows = hidden.shape[0]
-    stats = summarize(
-        hidden,
-        project,
-        top_k=top_k,
-        temperature=temperature,
-        target_id=target[1] if target else None,
-        vocab_size=vocab_size,
-    )
+    the target (`api.other_spelling`), suggested when the output finds it likelier. `stats`:
+    `summarize`'s dict (plus "alternative_prob") already computed where the model ran (the nnsight
+    backend), instead of hidden and project."""
+    if stats is not None:  # summarized where the model ran (nnsight): hidden and project are unused
+        n_rows = len(stats["entropy"])
+    else:
+        n_rows = hidden.shape[0]
+        stats = summarize(
+            hidden,
+            project,
+            top_k=top_k,
+            temperature=temperature,
+            target_id=target[1] if target else None,
+            vocab_size=vocab_size,
+        )
     text = TokenText(decode_one)
     topk_tokens = [[[text(i) for i in cell] for cell in row] for row in stats["topk_ids"].tolist()]
     kinds = list(lens_kinds) if lens_kinds else ["logit"] * (n_rows - 1)
@@ -373,7 +379,11 @@ def build_result(
         temperature=temperature,
         info=dict(info or {}),
     )
-    if target and alternative:
+    if target and alternative and stats.get("alternative_prob") is not None:
+        p_alt = float(stats["alternative_prob"])
+        if p_alt > float(result.target.prob[-1, -1]):
+            result.target.suggestion, result.target.suggestion_prob = alternative[0], p_alt
+    elif target and alternative:
         _suggest(result.target, alternative, hidden, project, temperature)
     return result
 

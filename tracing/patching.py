@@ -324,6 +324,10 @@ def patch_with(
     start = time.perf_counter()
     with tracer.lock():
         report(0.0, "Running the clean and the corrupted prompts…")
+        if hasattr(runtime, "prepare"):  # the whole grid as one job (nnsight: one session, remote-ready)
+            runtime.prepare(clean_ids, corrupt_ids,
+                            plan_cells(runtime.n_blocks, clean_ids, corrupt_ids, sublayers, skip_identical)[0],
+                            sublayers, [target_id, contrast_id])
         captured = runtime.clean(clean_ids, sublayers)
         corrupt_logits = runtime.corrupted(corrupt_ids)
         clean_value = float(metric(captured.logits[None])[0])
@@ -444,8 +448,9 @@ def patch(
                       skip_identical=skip_identical, progress=progress, cancel=cancel)
 
 
-# Backend name -> the PatchRuntime class for its tracer ("module:class" in this file).
-RUNTIMES = {"hooks": "TorchRuntime", "llama-cpp": "LlamaCppRuntime"}
+# Backend name -> the PatchRuntime class for its tracer (a class in this file, or "module:class").
+RUNTIMES = {"hooks": "TorchRuntime", "llama-cpp": "LlamaCppRuntime",
+            "nnsight": "tracing.nnsight_backend:NnsightRuntime"}  # or "module:class" elsewhere
 
 
 def patch_runtime(tracer) -> PatchRuntime:
@@ -458,7 +463,13 @@ def patch_runtime(tracer) -> PatchRuntime:
     runtime = getattr(tracer, "_patch_runtime", None)
     if runtime is None or not runtime.alive():
         with tracer.lock():
-            runtime = globals()[cls](tracer)
+            if ":" in cls:
+                import importlib
+
+                module, name = cls.split(":")
+                runtime = getattr(importlib.import_module(module), name)(tracer)
+            else:
+                runtime = globals()[cls](tracer)
         tracer._patch_runtime = runtime
     return runtime
 
@@ -837,8 +848,12 @@ def run_patch(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--ignore-memory-check", action="store_true",
                         help="load the model even if it looks bigger than this machine's memory")
+    from .__main__ import add_remote_arguments, remote_options
+
+    add_remote_arguments(parser)
     args = parser.parse_args(argv)
     options = {"device": args.device} if args.device and args.backend != "llama-cpp" else {}
+    options.update(remote_options(args))
     print_memory_warnings()
     with ignoring_memory_check(args.ignore_memory_check):
         result = patch(args.clean, args.corrupt, args.target, args.contrast, model=args.model,
