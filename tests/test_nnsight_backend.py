@@ -189,3 +189,34 @@ def test_command_line_remote_without_network_exits_2(capsys, monkeypatch):
     assert main(["--prompt", PROMPT, "--remote", "--model", "meta-llama/Llama-3.1-70B"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: NDIF") and err.count("\n") == 1 and "secret-value" not in err
+
+
+def test_a_hosted_70b_is_a_weightless_skeleton_whose_request_is_built_here(smollm2, monkeypatch):
+    """Llama 3.1 70B's layout on the meta device (no memory): the structure comes from a small copy of
+    the architecture, the request names the hosted model, and patching finds its sites."""
+    import nnsight.modeling.huggingface as hf
+    from transformers import LlamaConfig
+
+    from tracing.nnsight_backend import NnsightRuntime, build_request, skeleton
+
+    repo = "meta-llama/Llama-3.1-70B"
+    monkeypatch.setitem(hf._ID_CACHE, repo, repo)
+    config = LlamaConfig(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=128256)
+    tracer = NnsightTracer(skeleton(repo, config=config, tokenizer=smollm2.tokenizer), remote=True, repo_id=repo)
+    structure = tracer.lens.structure
+    assert (structure.blocks, structure.n_blocks, structure.final, structure.unembed) == (
+        "model.layers", 80, ["model.norm"], "lm_head")
+    assert structure.sublayers == ("self_attn", "mlp")
+    ids = tracer.encode(PROMPT)
+    request, blob = build_request(tracer, ids, [len(ids) - 1])
+    assert json.loads(request.model_key.split(":", 1)[1])["repo_id"] == repo and len(blob) < 64_000
+    assert len(NnsightRuntime(tracer)._sites["order"]) == 1 + 3 * 80
+
+
+def test_remote_patching_without_network_is_one_sentence(remote_tracer, monkeypatch):
+    from tracing.patching import patch_with
+
+    monkeypatch.setenv("NDIF_API_KEY", "a-key")
+    with pytest.raises(RemoteUnavailable, match="NDIF"):
+        patch_with(remote_tracer, PROMPT, "The capital of France is", " Berlin", " Paris")

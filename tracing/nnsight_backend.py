@@ -34,6 +34,7 @@ import copy
 import io
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -83,34 +84,94 @@ def lens_statistics(first_input, block_outputs, final, unembed, transforms, posi
     return stats
 
 
+@dataclass
+class Structure:
+    """Where the lens and patching read and write, as module paths (nnsight envoys are found by path).
+
+    Found by the hooks backend's probe (`hooks.find_lens_parts`, `sublayers.find_sublayers`) on the
+    model itself, or, for a weightless skeleton of a hosted model, on a small random copy of the same
+    architecture (module paths do not depend on sizes)."""
+
+    blocks: str  # e.g. "model.layers"
+    n_blocks: int
+    final: list[str]  # e.g. ["model.norm"]
+    unembed: str  # e.g. "lm_head"
+    transforms: list  # the logit transforms (fn, value) the model's forward applies
+    sublayers: tuple[str, str] | None  # (attention, MLP) paths inside a block, e.g. ("self_attn", "mlp")
+    sublayer_problem: str | None  # why there are none, for a person
+
+
+def find_structure(model: nn.Module, probe_ids: torch.Tensor, parts: LensParts | None = None) -> Structure:
+    """The Structure of `model`, found by running it once on `probe_ids` (see hooks.find_lens_parts)."""
+    from .sublayers import find_sublayers
+
+    parts = parts or find_lens_parts(model, probe_ids)
+    names = {module: name for name, module in model.named_modules()}
+    found, problem = find_sublayers(model, parts.blocks, probe_ids)
+    sublayers = None
+    if found:
+        block = names[parts.blocks[0]] + "."
+        sublayers = (names[found[0][0]].removeprefix(block), names[found[0][1]].removeprefix(block))
+    return Structure(parts.blocks_name, len(parts.blocks), list(parts.final_names), names[parts.unembed],
+                     list(parts.logit_transforms), sublayers, problem)
+
+
+# A small copy of a hosted model's architecture, to find its structure: config attribute -> size.
+_SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_hidden_layers=2, vocab_size=128, moe_intermediate_size=32, intermediate_size_mlp=96,
+              num_local_experts=4, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32,
+              max_position_embeddings=256)
+
+
+def structure_of_skeleton(model: nn.Module) -> Structure:
+    """The Structure of a model whose weights are on the meta device (it cannot run here): found on
+    a small random copy of its architecture; the number of blocks is the skeleton's own."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr, value in _SMALL.items():
+        if getattr(text, attr, None) is not None:
+            setattr(text, attr, min(value, getattr(text, attr)) if isinstance(getattr(text, attr), int) else value)
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[: text.num_hidden_layers]
+    config._attn_implementation = "eager"
+    small = AutoModelForCausalLM.from_config(config).float().eval()
+    found = find_structure(small, torch.tensor([[1, 2, 3]]))
+    found.n_blocks = len(_get_module(model, found.blocks))
+    return found
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
 class NnsightLens:
     """The lens through nnsight envoys over a structural copy of a transformers causal LM."""
 
-    def __init__(self, model: nn.Module, tokenizer, parts: LensParts, repo_id: str | None = None):
+    def __init__(self, model: nn.Module, tokenizer, structure: Structure, repo_id: str | None = None,
+                 wrapped=None):
         from nnsight import TransformersModel
 
         from .transformer_lens_backend import structural_copy
 
-        names = {module: name for name, module in model.named_modules()}
-        self.parts = parts
-        self.paths = {
-            "blocks": parts.blocks_name,
-            "final": list(parts.final_names),
-            "unembed": names[parts.unembed],
-        }
-        view = structural_copy(model) if not _on_meta(model) else model
-        # A copy of the tokenizer: nnsight sets its pad token and padding side.
-        self.model = TransformersModel(view, tokenizer=copy.deepcopy(tokenizer), task="text-generation")
+        self.structure = structure
+        if wrapped is not None:  # nnsight's own weightless skeleton of a hosted model (see `skeleton`)
+            self.model = wrapped
+        else:
+            # A copy of the tokenizer: nnsight sets its pad token and padding side.
+            self.model = TransformersModel(structural_copy(model), tokenizer=copy.deepcopy(tokenizer),
+                                           task="text-generation")
         if repo_id:  # the hub id NDIF knows the model by (the remote key)
             self.model.repo_id = repo_id
-        self.blocks = self.model.get(self.paths["blocks"])
-        self.final = [self.model.get(path) for path in self.paths["final"]]
-        self.unembed = self.model.get(self.paths["unembed"])
-        self.transforms = list(parts.logit_transforms)
+        self.blocks = self.model.get(structure.blocks)
+        self.final = [self.model.get(path) for path in structure.final]
+        self.unembed = self.model.get(structure.unembed)
+        self.transforms = list(structure.transforms)
 
     @property
     def n_blocks(self) -> int:
-        return len(self.parts.blocks)
+        return self.structure.n_blocks
 
     def statistics(self, ids: list[int], positions: list[int], *, top_k: int, temperature: float,
                    target_id: int | None, alternative_id: int | None, backend=None) -> dict:
@@ -141,8 +202,13 @@ class NnsightTracer(LoadedModelTracer):
 
     def __init__(self, loaded, remote: bool = False, repo_id: str | None = None):
         super().__init__(loaded)
-        hooks = loaded.adapter("hooks", _hooks_tracer)  # the structure, found once per model
-        self.lens = NnsightLens(loaded.model, loaded.tokenizer, hooks.lens.parts, repo_id=repo_id)
+        if _on_meta(loaded.model):  # a weightless skeleton of a hosted model
+            structure = structure_of_skeleton(loaded.model)
+        else:  # the hooks backend's probe, found once per model
+            hooks = loaded.adapter("hooks", _hooks_tracer)
+            structure = find_structure(loaded.model, self.probe_ids(), hooks.lens.parts)
+        self.lens = NnsightLens(loaded.model, loaded.tokenizer, structure, repo_id=repo_id,
+                                wrapped=loaded.adapters.get(SKELETON))
         self.remote = remote
         self.repo_id = repo_id
         self.timeout = 120.0  # seconds a remote job may take before we say so
@@ -321,7 +387,7 @@ def open_remote_tracer(model, repo_id: str | None = None, device=None, **load_op
     repo_id = repo_id or str(model)
     check_available(repo_id)
     try:
-        loaded = _skeleton(repo_id)
+        loaded = skeleton(repo_id)
     except RemoteUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -339,20 +405,27 @@ def _hub_id(loaded) -> str:
     return name
 
 
-def _skeleton(repo_id: str):
-    """A LoadedModel whose weights are on the meta device (no memory), from the hub's config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+SKELETON = "nnsight skeleton"  # the LoadedModel adapter holding nnsight's model of a hosted checkpoint
+
+
+def skeleton(repo_id: str, config=None, tokenizer=None):
+    """A LoadedModel of NDIF's `repo_id` with no weights: nnsight builds it on the meta device from
+    the config (the hub's, unless given), so the structure and the request are this machine's, the
+    weights NDIF's."""
+    from nnsight import TransformersModel
+    from transformers import AutoTokenizer
 
     from .loading import LoadedModel
     from .models import ModelSource
 
-    config = AutoConfig.from_pretrained(repo_id)
-    tokenizer = AutoTokenizer.from_pretrained(repo_id)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
-    source = ModelSource("hf", repo_id, repo_id)
-    return LoadedModel(source, model, tokenizer, torch.device("meta"), torch.float32, 0)
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(repo_id)
+    options = {"config": config} if config is not None else {}
+    wrapped = TransformersModel(repo_id, tokenizer=copy.deepcopy(tokenizer), task="text-generation", **options)
+    model = wrapped._module.eval()
+    loaded = LoadedModel(ModelSource("hub", repo_id, repo_id), model, tokenizer, torch.device("meta"),
+                         next(model.parameters()).dtype, 0)
+    loaded.adapters[SKELETON] = wrapped
+    return loaded
 
 
 def build_request(tracer: NnsightTracer, ids: list[int], positions: list[int], *, top_k: int = 5,
@@ -425,21 +498,18 @@ class NnsightRuntime:
     cells_per_forward = 64
 
     def __init__(self, tracer):
-        from .sublayers import find_sublayers
-
         self.tracer = tracer
         lens = tracer.lens
+        structure = lens.structure
         self.n_blocks = lens.n_blocks
-        model = tracer.loaded.model
-        names = {module: name for name, module in model.named_modules()}
-        found, self._problem = find_sublayers(model, lens.parts.blocks, tracer.probe_ids())
+        self._problem = structure.sublayer_problem
         blocks = lens.blocks
         order = [(("resid", 0), (blocks[0], True))]
         for i in range(self.n_blocks):
-            if found is not None:
-                attn, mlp = found[i]
-                order.append((("attn", i + 1), (lens.model.get(names[attn]), False)))
-                order.append((("mlp", i + 1), (lens.model.get(names[mlp]), False)))
+            if structure.sublayers is not None:
+                attn, mlp = structure.sublayers
+                order.append((("attn", i + 1), (lens.model.get(f"{structure.blocks}.{i}.{attn}"), False)))
+                order.append((("mlp", i + 1), (lens.model.get(f"{structure.blocks}.{i}.{mlp}"), False)))
             order.append((("resid", i + 1), (blocks[i], False)))
         self._sites = {"order": order, "by_key": dict(order), "unembed": lens.unembed}
         self._results = None
