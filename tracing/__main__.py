@@ -1,6 +1,6 @@
 """Command line: `python -m tracing --prompt TEXT [--model M] [--backend hooks] ...`.
 
-Subcommands: `train-lens` (a tuned lens), `patch` (activation patching, tracing/patching.py).
+Subcommands: `fit-lens` (a Jacobian or tuned lens; `train-lens` = `fit-lens --kind tuned`), `patch` (activation patching, tracing/patching.py).
 
 Prints a per-layer table at the last position, or with --json exactly `LensResult.to_dict()`.
 Errors a user can cause are one line on stderr and exit status 2, never a traceback.
@@ -29,7 +29,11 @@ def lens_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=None, help="a token to follow through the layers, e.g. ' Berlin'")
     parser.add_argument("--last-only", action="store_true", help="trace only the last position (long prompts)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--lens", default=None, help="with --backend tuned-lens-tuned: a tuned lens folder (config.json + params.pt)")
+    parser.add_argument("--lens", default=None, help="a learned lens: with --backend tuned-lens-tuned a tuned lens folder "
+                        "(config.json + params.pt); with jacobian-lens a J-lens file or folder; with llama-cpp either, "
+                        "named by --lens-kind")
+    parser.add_argument("--lens-kind", default=None, choices=["logit", "tuned", "jacobian"],
+                        help="with --backend llama-cpp: the lens read on the GGUF (default: logit)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     add_remote_arguments(parser)
     parser.add_argument("--ignore-memory-check", action="store_true",
@@ -64,10 +68,17 @@ def run_lens(argv: list[str]) -> int:
 
     options = {"lens": args.lens} if args.lens else {}
     options.update(remote_options(args))
-    if args.lens and args.backend != "tuned-lens-tuned":
+    if args.lens_kind and args.backend != "llama-cpp":
         from .errors import UnsupportedModel
 
-        raise UnsupportedModel("--lens needs --backend tuned-lens-tuned.")
+        raise UnsupportedModel("--lens-kind is for --backend llama-cpp (the PyTorch backends are "
+                               "tuned-lens-tuned and jacobian-lens).")
+    if args.lens_kind:
+        options["lens_kind"] = args.lens_kind
+    if args.lens and args.backend not in ("tuned-lens-tuned", "jacobian-lens", "llama-cpp"):
+        from .errors import UnsupportedModel
+
+        raise UnsupportedModel("--lens needs --backend tuned-lens-tuned, jacobian-lens or llama-cpp (with --lens-kind).")
     print_memory_warnings()  # a tight fit: one "warning: ..." line on stderr
     with ignoring_memory_check(args.ignore_memory_check):  # reaches every backend's load
         result = trace(
@@ -97,7 +108,8 @@ def print_result(result, as_json: bool) -> None:
 # Subcommands besides the default lens: name -> "module:function" taking argv, returning an exit code.
 COMMANDS = {
     "lens": "tracing.__main__:run_lens",
-    "train-lens": "tracing.train_lens:run_train_lens",
+    "train-lens": "tracing.fit_lens:run_train_lens",
+    "fit-lens": "tracing.fit_lens:run_fit_lens",
     "patch": "tracing.patching:run_patch",
     "attribute": "tracing.attribution:run_attribute",
     "steer-vector": "tracing.steering:run_steer_vector",

@@ -56,6 +56,7 @@ BACKENDS: dict[str, str] = {
     "transformer-lens": "tracing.transformer_lens_backend:open_tracer",
     "tuned-lens": "tracing.tuned_lens_backend:open_tracer",
     "tuned-lens-tuned": "tracing.tuned_lens_backend:open_tuned_tracer",
+    "jacobian-lens": "tracing.jacobian_lens_backend:open_tracer",
     "llama-cpp": "tracing.llama_cpp_backend:open_tracer",
     "nnsight": "tracing.nnsight_backend:open_tracer",
 }

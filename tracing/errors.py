@@ -40,7 +40,6 @@ class BadTarget(LensbenchError):
         self.suggestion = suggestion
 
 
-
 class BadChoice(LensbenchError):
     """A layer, attention head or position that this model or this prompt does not have."""
 
@@ -56,3 +55,7 @@ class BadSetting(LensbenchError):
 class RemoteUnavailable(LensbenchError):
     """A remote run (NDIF, through nnsight) cannot happen: no API key or a rejected one, the model
     is not hosted, no network, or no answer in time. Local backends are unaffected."""
+
+
+class FitStopped(LensbenchError):
+    """A lens fit or training run was stopped before it ended (nothing was saved)."""

@@ -519,13 +519,19 @@ _TRACERS: dict[str, LlamaCppTracer] = {}
 _TRACERS_LOCK = threading.Lock()
 
 
-def open_tracer(model=None, device=None, **options) -> LlamaCppTracer:
+def open_tracer(model=None, device=None, lens_kind: str = "logit", lens=None, **options) -> LlamaCppTracer:
     """The llama.cpp lens for a GGUF `model` (see tracing.models.resolve), reused on later calls.
 
     The model is chat's loaded `Llama` for that file (loaded now if chat has not yet).
     `device` is accepted for symmetry with other backends and ignored: llama.cpp places the
     layers itself (all on the GPU where there is one).
+    lens_kind: "logit" (default), or "tuned" / "jacobian" with `lens` naming a saved lens: its
+    translators or matrices applied in PyTorch to the captured rows (tracing/learned_lens.py).
     """
+    if lens_kind != "logit" or lens:
+        from .learned_lens import on_llama_cpp
+
+        return on_llama_cpp(open_tracer(model), lens_kind, lens)
     if options:
         raise TypeError(f"unknown options for the llama-cpp backend: {', '.join(options)}")
     source = resolve(model)
@@ -621,4 +627,3 @@ def reply_as_prompt(model, messages: list[dict], reply: str) -> tuple[str, int]:
 
 
 __all__ = ["LlamaCppTracer", "LensHead", "open_tracer", "read_head", "trace_reply", "reply_as_prompt", "BACKEND"]
-

@@ -1,4 +1,4 @@
-"""Train a tuned lens on your own text: `python -m tracing train-lens --text FILE [--model M] [--steps N] [--out DIR]`.
+"""Train a tuned lens: `python -m tracing fit-lens --kind tuned [--text FILE] [--model M] [--steps N] [--out DIR]` (or `train-lens`).
 
 As in the tuned-lens paper (Belrose et al. 2023) and its training loop: one affine translator
 per layer (tuned-lens's `TunedLens`), trained so that each layer's lens distribution matches
@@ -14,7 +14,6 @@ default in this model's lens folder, where `--backend tuned-lens-tuned` finds it
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadPrompt, ModelNotFound
+from .errors import BadPrompt
 
 HELD_OUT_FRACTION = 0.1
 
@@ -131,9 +130,18 @@ def train_lens(
     seq_len: int = 256,
     lr_scale: float = 1.0,
     progress: bool = True,
+    on_step=None,
+    cancel=None,
 ) -> TrainReport:
-    """Train a tuned lens for `loaded` on `text`, save it in `out` (default: the model's lens folder)."""
+    """Train a tuned lens for `loaded` on `text`, save it in `out` (default: the model's lens folder).
+
+    on_step(done, total, message): called after each step (a UI's progress bar).
+    cancel: a threading.Event; once set, training stops at the next step with FitStopped and
+    nothing is written (the lens is written to a temporary folder renamed at the very end).
+    """
     from tqdm.auto import tqdm
+
+    from .learned_lens import stop_if, written_atomically
 
     from .hooks import HooksTracer
     from .tuned_lens_backend import _unembed, default_lens_dir, new_tuned_lens
@@ -160,6 +168,7 @@ def train_lens(
         kl_logit = held_out_kl(tracer, lens, held_batches, tuned=False)
         bar = tqdm(range(steps), desc="training the tuned lens", unit="step", disable=not progress, file=sys.stderr)
         for step in bar:
+            stop_if(cancel, "tuned lens training")
             batch = [train[(step * per_step + j) % len(train)].unsqueeze(0) for j in range(per_step)]
             total = 0.0
             for ids in batch:
@@ -173,11 +182,15 @@ def train_lens(
             opt.zero_grad(set_to_none=True)
             schedule.step()
             bar.set_postfix(kl_per_layer=f"{total / len(rows[:-1]):.2f}")
+            if on_step is not None:
+                on_step(step + 1, steps, f"training KL per layer {total / len(rows[:-1]):.2f}")
         lens.eval()
         kl_tuned = held_out_kl(tracer, lens, held_batches, tuned=True)
 
+    stop_if(cancel, "tuned lens training")
     out = Path(out).expanduser() if out else default_lens_dir(loaded.source)
-    lens.save(out)
+    with written_atomically(out) as folder:
+        lens.save(folder)
     return TrainReport(
         out=out,
         steps=steps,
@@ -191,40 +204,7 @@ def train_lens(
 
 
 def run_train_lens(argv: list[str]) -> int:
-    """The `train-lens` subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tracing train-lens",
-        description="Train a tuned lens (tuned-lens's TunedLens) for a model on your text.",
-    )
-    parser.add_argument("--text", required=True, help="a plain-text file to train on (a few pages at least)")
-    parser.add_argument("--model", default=None, help="as for the lens (default: bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--steps", type=int, default=8, help="training steps (default: 8)")
-    parser.add_argument("--out", default=None, help="folder to write config.json and params.pt (default: the model's lens folder)")
-    parser.add_argument("--tokens-per-step", type=int, default=1024, help="default: 1024")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        raise BadPrompt("--steps must be at least 1.")
-    path = Path(args.text).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise ModelNotFound(f"Cannot read the text file '{path}': {exc.strerror or exc}.") from None
-    from .loading import load_model
+    """The `train-lens` subcommand: `fit-lens --kind tuned` (tracing/fit_lens.py)."""
+    from .fit_lens import run_fit_lens
 
-    loaded = load_model(args.model, device=args.device)
-    report = train_lens(
-        loaded, text, steps=args.steps, out=args.out, tokens_per_step=args.tokens_per_step, seq_len=args.seq_len
-    )
-    print(report.summary())
-    print(f"{'layer':<12} {'logit lens':>10} {'tuned lens':>10}")
-    for i, (a, b) in enumerate(zip(report.kl_logit, report.kl_tuned)):
-        print(f"{'embeddings' if i == 0 else f'layer {i}':<12} {a:10.3f} {b:10.3f}")
-    print(f"Saved to {report.out}")
-    if args.out is None:
-        model_arg = f" --model {args.model}" if args.model else ""
-        print(f"Use it: python -m tracing --backend tuned-lens-tuned{model_arg} --prompt '...'")
-    else:
-        print(f"Use it: tracing.trace(prompt, backend='tuned-lens-tuned', lens='{report.out}')")
-    return 0
+    return run_fit_lens(argv, default_kind="tuned")
