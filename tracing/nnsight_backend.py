@@ -33,7 +33,6 @@ import contextlib
 import copy
 import io
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -138,12 +137,8 @@ def structure_of_skeleton(model: nn.Module) -> Structure:
     config._attn_implementation = "eager"
     small = AutoModelForCausalLM.from_config(config).float().eval()
     found = find_structure(small, torch.tensor([[1, 2, 3]]))
-    found.n_blocks = len(_get_module(model, found.blocks))
+    found.n_blocks = len(model.get_submodule(found.blocks))
     return found
-
-
-def _get_module(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
 
 
 class NnsightLens:
@@ -358,15 +353,12 @@ def run_remote(job, nn_model, repo_id: str | None, timeout: float):
         check_available(repo_id)
     try:
         backend = remote_backend(nn_model, key)
-        start = time.perf_counter()
         return _with_timeout(lambda: job(backend), timeout,
                              f"NDIF did not finish within {timeout:g} seconds: try again later, or trace fewer positions.")
     except RemoteUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - nnsight, httpx and websocket errors all become one sentence
         raise explain_remote_failure(exc) from None
-    finally:
-        del key
 
 
 def open_remote_tracer(model, repo_id: str | None = None, device=None, **load_options) -> NnsightTracer:
