@@ -125,6 +125,10 @@ def test_the_remote_request_names_the_model_and_saves_only_the_statistics(remote
     assert variables["positions"] == list(range(len(ids))) and variables["top_k"] == 5
     assert tracer.info.code.co_filename.endswith("nnsight_backend.py")  # the block, compiled as the server would
     assert "not-sent" not in blob.decode("latin-1")  # the key travels in a header, not in the payload
+    import zstandard
+
+    payload = zstandard.ZstdDecompressor().decompress(blob) if request.compress else blob
+    assert b"lens_statistics" in payload and b".save()" in payload  # what runs there, and the one value saved
 
 
 def test_the_remote_block_runs_as_nnsight_would_run_it_on_the_server(smollm2_nnsight):
