@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_attribution.py
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_nnsight.py
+	$(PY) bench/bench_lenses.py
 
 # Debian's Chromium, for tests/test_browser.py and bench/bench_demo.py (Playwright drives it; its own
 # browser download needs the network). Installs only when /usr/bin/chromium is missing.

@@ -237,6 +237,9 @@ def test_learned_lenses_on_the_gguf_agree_with_pytorch_as_the_logit_lens_does(sm
     result = trace_with(open_tracer(None, "llama-cpp", lens_kind="jacobian", lens=str(smollm2_jacobian)), PROMPTS[0])
     assert result.backend == "llama-cpp" and result.lens[1:-1] == ["jacobian"] * 29
     assert result.info["lens_file"].endswith("lens.pt")
+    wrapped = open_tracer(None, "llama-cpp", lens_kind="jacobian", lens=str(smollm2_jacobian))
+    wrapped.control_vector = None  # what steering sets: it reaches llama.cpp's own tracer
+    assert "control_vector" not in vars(wrapped) and wrapped.inner is smollm2_llama_cpp
 
 
 def test_a_tuned_lens_trained_from_the_gguf_alone_lands_close_to_the_pytorch_one(smollm2_tuned, smollm2_llama_cpp):

@@ -242,6 +242,12 @@ class LearnedLensTracer:
     def __getattr__(self, name):  # encode, decode_one, project, lock, vocab_size, ... are the runtime's
         return getattr(self.inner, name)
 
+    def __setattr__(self, name, value):  # e.g. steering's control_vector: set on the runtime's tracer
+        if name in ("inner", "lens", "kind", "info"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
     def residuals(self, ids: list[int], last_only: bool, positions=None) -> tuple[torch.Tensor, list[str]]:
         hidden, _ = self.inner.residuals(ids, last_only, positions=positions)
         return translate_rows(self.lens, hidden)
