@@ -50,12 +50,10 @@ def main() -> int:
     from tracing.fit_lens import fit_jacobian_lens, fit_tuned_lens, held_out_kl, sample_text
     from tracing.gguf_lens import train_tuned_lens_gguf
     from tracing.loading import load_model
-    from tracing.models import resolve
 
     torch.manual_seed(0)
     lenses = Path(args.lenses)
     lenses.mkdir(parents=True, exist_ok=True)
-    gguf = resolve(None).location
     report: dict = {"threads": torch.get_num_threads()}
 
     text_file, held_file = lenses / "train.txt", lenses / "held.txt"

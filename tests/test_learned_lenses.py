@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import VOCAB, tiny_ids
+from tests.tiny_models import tiny_ids
 from tests.test_tuned_lens_backend import random_text, save_tiny_model
 from tracing.api import open_tracer, trace_with
 from tracing.errors import BadModelFile, FitStopped, ModelNotFound
 from tracing.fit_lens import fit_jacobian_lens, fit_tuned_lens, held_out_kl
-from tracing.hooks import HooksTracer
 from tracing.jacobian_lens_backend import bridge_of, jacobian_tracer
 from tracing.learned_lens import load_jacobian
 
