@@ -24,7 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="ask visitors for this user name and password")
     p.add_argument("--model", default=None, help="the model selected at start (a name in models/, or a path)")
     p.add_argument("--allow-any-model", action="store_true",
-                   help="let visitors type any path or hub id as the model (local use only; refused with --share)")
+                   help="let visitors type any path or hub id as the model (the default on 127.0.0.1; "
+                        "refused with --share)")
+    p.add_argument("--listed-models-only", action="store_true",
+                   help="offer only the models in models/, even on 127.0.0.1 (always so on a public link)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="keep loaded PyTorch models within this much memory, e.g. 8GB (default: half of RAM)")
     p.add_argument("--concurrency", type=int, default=None,
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.preload or (args.preload is None and on_spaces()):
         preload(args.model)
 
-    settings = Settings.for_launch(public, allow_custom_models=args.allow_any_model or None,
-                                  default_model=args.model, concurrency=args.concurrency)
+    # A local launch takes typed paths and hub ids; a public one only ever offers the listed models.
+    settings = Settings.for_launch(public, allow_custom_models=False if args.listed_models_only else None,
+                                   default_model=args.model, concurrency=args.concurrency)
     launch(settings, server_name=args.host, server_port=args.port, share=args.share,
            auth=auth_pair(args.auth), inbrowser=wants_browser(args.browser))
 

@@ -1,4 +1,4 @@
-"""What a visitor can pick: the listed models (never a free-text path unless the host allows it),
+"""What a visitor can pick: the listed models (a typed path or hub id only where the host allows it),
 each model's facts, and which lens backends it can use (with the reason when it can't).
 """
 
@@ -101,6 +101,9 @@ class Catalog:
 
         device = pick_device()
         metal = device.type == "mps"
+        if entry.kind == "hub":
+            return ("Hugging Face hub model: downloaded on first use (needs the network). Its memory is checked "
+                    "from its config before the download starts.")
         if entry.kind != "gguf":
             size = entry.size_bytes or 0
             verdict = memory_verdict(int(size * 1.1), f"'{entry.name}'", metal=metal)

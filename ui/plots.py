@@ -18,26 +18,52 @@ from .tokens import TokenLabels
 
 @dataclass(frozen=True)
 class Metric:
-    """How one per-cell number is coloured and shown."""
+    """How one per-cell number is coloured and shown, and what it means (one line for a newcomer)."""
 
     title: str
     colorscale: str
     reverse: bool  # True when a low value means a confident prediction (shown bright, like a high probability)
+    help: str
     needs_target: bool = False
     percent: bool = False
 
 
 METRICS: dict[str, Metric] = {
-    "top-1 probability": Metric("top-1 probability", "Viridis", False, percent=True),
-    "entropy": Metric("entropy (nats)", "Viridis", True),
-    "KL to final": Metric("KL(final ‖ layer) (nats)", "Viridis", True),
-    "target probability": Metric("target probability", "Viridis", False, needs_target=True, percent=True),
-    "target rank": Metric("target rank (log scale)", "Viridis", True, needs_target=True),
+    "top-1 probability": Metric("top-1 probability", "Viridis", False,
+                                "how sure each layer is of its top guess (100% = certain).", percent=True),
+    "entropy": Metric("entropy (nats)", "Viridis", True,
+                      "how spread out each layer's guesses are, in nats (a unit of information, natural "
+                      "log): 0 = one sure guess, higher = many guesses."),
+    "KL to final": Metric("KL(final ‖ layer) (nats)", "Viridis", True,
+                          "how far each layer's guesses are from the model's final answer, in nats (natural-log "
+                          "units): 0 = the same as the output."),
+    "target probability": Metric("target probability", "Viridis", False,
+                                 "the probability each layer gives the target token.", needs_target=True,
+                                 percent=True),
+    "target rank": Metric("target rank (log scale)", "Viridis", True,
+                          "where the target sits among each layer's guesses: 1 = its top guess.", needs_target=True),
 }
 DEFAULT_METRIC = "top-1 probability"
 _CELL_CHARS = 8  # longest cell label before it is cut (the hover shows it whole)
+_TICK_CHARS = 12  # longest token in an axis label before it is cut
 _MAX_LABELLED_COLUMNS = 40  # wider heatmaps drop the cell labels (unreadable there); hovering still shows all
 _MAX_TICKS = 40
+_FLAT_TICKS = 8  # up to this many positions the axis labels stay horizontal
+
+# What a newcomer needs to read the heatmap, said once under it.
+HEATMAP_NOTE = (
+    "Rows: the model's layers, from the **embeddings** (bottom: the input token itself read out before any "
+    "layer, so its guesses are often odd tokens such as `<filename>`; nothing is wrong) up to the model's "
+    "**output** (top). Columns: the prompt's tokens; a cell shows the token that layer would predict next. "
+    "Hover a cell for its top guesses; click one to pick its position for the chart and the table. "
+    "`␣` is a space. **nats**: the unit of entropy and KL (natural log)."
+)
+
+
+def metric_note(metric: str) -> str:
+    """One line under the colour switch: what the colour means."""
+    spec = METRICS.get(metric) or METRICS[DEFAULT_METRIC]
+    return f"**Colour**: {spec.help}"
 
 
 def metric_values(result: LensResult, metric: str) -> np.ndarray:
@@ -73,17 +99,34 @@ def column_labels(result: LensResult, labels: TokenLabels) -> list[str]:
     return [f"{p}: {_html(labels(result.tokens[p], result.token_ids[p]))}" for p in result.positions]
 
 
+def _x_axis(cols: list[str], title: str, compact: bool = False) -> dict:
+    """An x axis of token labels that stays readable: horizontal for a few positions, slanted and
+    cut short for more (or in a half-width figure, `compact`), every n-th beyond `_MAX_TICKS`; the
+    margin grows to fit them (never cut)."""
+    n = len(cols)
+    step = -(-n // _MAX_TICKS)
+    ticks = list(range(0, n, step))
+    flat = n <= (_FLAT_TICKS // 2 if compact else _FLAT_TICKS)
+    text = [cols[c] if flat else _short(cols[c], _TICK_CHARS) for c in ticks]
+    return dict(tickmode="array", tickvals=ticks, ticktext=text, title=title, automargin=True,
+                tickangle=0 if flat else -45, tickfont=dict(size=11 if n <= 24 else 9))
+
+
 def _html(text: str) -> str:
     """Plotly reads labels as a little HTML (<b>, <br>): a token such as "<br>" must show as text."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 1] + "…"
+def _short(text: str, chars: int = _CELL_CHARS) -> str:
+    return text if len(text) <= chars else text[: chars - 1] + "…"
 
 
-def _pct(p: float) -> str:
-    return f"{100 * p:.1f}%" if p >= 0.001 else f"{100 * p:.2g}%"
+def percent(p: float) -> str:
+    """A probability for people: 79.6%, 0.35%, and below 0.01% just "<0.01%"."""
+    if p >= 0.001:
+        return f"{100 * p:.1f}%"
+    return f"{100 * p:.2f}%" if p >= 0.0001 else "<0.01%"
+
 
 
 def hover_texts(result: LensResult, labels: TokenLabels) -> list[list[str]]:
@@ -96,25 +139,28 @@ def hover_texts(result: LensResult, labels: TokenLabels) -> list[list[str]]:
         for c in range(len(result.positions)):
             parts = [
                 f"<b>{rows[r]}</b> · after <b>{cols[c]}</b>",
-                f"entropy {result.entropy[r, c]:.2f} nats · KL to final {result.kl_to_final[r, c]:.2f}",
+                f"entropy {result.entropy[r, c]:.2f} nats · KL to final {result.kl_to_final[r, c]:.2f} nats",
             ]
             if result.target is not None:
                 token = _html(labels(result.target.token))
                 parts.append(
-                    f"target {token}: {_pct(float(result.target.prob[r, c]))}, rank {int(result.target.rank[r, c])}"
+                    f"target {token}: {percent(float(result.target.prob[r, c]))}, rank {int(result.target.rank[r, c])}"
                 )
             for i, (text, tid, p) in enumerate(
                 zip(result.topk_tokens[r][c], result.topk_ids[r, c], result.topk_probs[r, c]), 1
             ):
-                parts.append(f"{i}. {_html(labels(text, int(tid)))}  {_pct(float(p))}")
+                parts.append(f"{i}. {_html(labels(text, int(tid)))}  {percent(float(p))}")
             line.append("<br>".join(parts))
         out.append(line)
     return out
 
 
 def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabels | None = None,
-            title: str | None = None) -> go.Figure:
-    """Layers (bottom: embeddings, top: output) x positions; each cell shows its top-1 token."""
+            title: str | None = None, compact: bool = False) -> go.Figure:
+    """Layers (bottom: embeddings, top: output) x positions; each cell shows its top-1 token.
+
+    The colour scale of entropy and KL fits the layers: the embeddings row, whose KL to the output
+    can be ten times any layer's, may go past it (shown at the scale's end, its value in the hover)."""
     labels = labels or TokenLabels()
     if METRICS[metric].needs_target and result.target is None:
         metric = DEFAULT_METRIC
@@ -125,18 +171,20 @@ def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabel
         for r in range(z.shape[0])
     ]
     colorbar = dict(title=dict(text=spec.title, side="right"))
-    zmin, zmax = (0.0, 1.0) if spec.percent else (float(np.nanmin(z)), float(np.nanmax(z)) or 1.0)
-    if metric == "target rank":
-        top = max(1.0, float(np.nanmax(z)))
-        ticks = [t for t in range(0, int(np.ceil(top)) + 1)]
-        colorbar.update(tickvals=ticks, ticktext=[f"{10 ** t:,}" for t in ticks])
-        zmin, zmax = 0.0, top
     if spec.percent:
+        zmin, zmax = 0.0, 1.0
         colorbar.update(tickformat=".0%")
+    elif metric == "target rank":
+        zmin, zmax = 0.0, max(1.0, float(np.nanmax(z)))
+        ticks = list(range(0, int(np.ceil(zmax)) + 1))
+        colorbar.update(tickvals=ticks, ticktext=[f"{10 ** t:,}" for t in ticks])
+    else:
+        layers = z[1:] if z.shape[0] > 2 else z
+        zmin, zmax = float(np.nanmin(layers)), float(np.nanmax(layers)) or 1.0
+        if float(np.nanmax(z)) > zmax * 1.05:
+            colorbar["title"]["text"] = f"{spec.title}<br>embeddings row: up to {float(np.nanmax(z)):.0f}"
     n_rows, n_cols = z.shape
     labelled = n_cols <= _MAX_LABELLED_COLUMNS
-    tick_step = -(-n_cols // _MAX_TICKS)
-    ticks = list(range(0, n_cols, tick_step))
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -157,18 +205,41 @@ def heatmap(result: LensResult, metric: str = DEFAULT_METRIC, labels: TokenLabel
         )
     )
     target = f" · target {_html(labels(result.target.token))}" if result.target is not None else ""
+    title = _html(title) if title else f"{_html(result.model)} · {result.backend}{target} · colour: {spec.title}"
     fig.update_layout(
-        title=dict(text=_html(title) if title else f"{_html(result.model)} · {result.backend}{target} · colour: {spec.title}",
-                   font=dict(size=14)),
-        xaxis=dict(
-            tickmode="array", tickvals=ticks, ticktext=[column_labels(result, labels)[c] for c in ticks],
-            title="input position (each cell: the predicted next token)", tickangle=-40 if n_cols > 6 else 0,
-        ),
-        yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=row_labels(result), title=None),
-        height=max(360, min(1400, 120 + 22 * n_rows)),
-        margin=dict(l=10, r=10, t=50, b=10),
+        title=dict(text=title, font=dict(size=14)),
+        xaxis=_x_axis(column_labels(result, labels), "input position (each cell: the predicted next token)", compact),
+        yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=row_labels(result), title=None,
+                   automargin=True),
+        height=max(360, min(1400, 140 + 20 * n_rows)),
+        margin=dict(l=10, r=10, t=40, b=10),
         hoverlabel=dict(font=dict(family="monospace", size=12), align="left"),
     )
+    return fig
+
+
+def top1_differs(a: LensResult, b: LensResult) -> np.ndarray | None:
+    """[rows, positions]: True where two results of the same prompt and depth predict different
+    top-1 tokens; None when their cells do not line up (other tokens, other depth)."""
+    if a.token_ids != b.token_ids or a.positions != b.positions or a.n_rows != b.n_rows:
+        return None
+    return a.topk_ids[:, :, 0] != b.topk_ids[:, :, 0]
+
+
+def mark_differences(fig: go.Figure, a: LensResult, b: LensResult, differs: np.ndarray,
+                     labels_a: TokenLabels | None = None, labels_b: TokenLabels | None = None) -> go.Figure:
+    """Outline, on a heatmap of A or B, the cells where A and B predict different top-1 tokens
+    (`top1_differs`); hovering an outline shows both tokens."""
+    labels_a, labels_b = labels_a or TokenLabels(), labels_b or TokenLabels()
+    rows, cols = np.nonzero(differs)
+    hover = [f"<b>{row_labels(a)[r]}</b> · A and B differ<br>A: {_html(labels_a(a.topk_tokens[r][c][0], int(a.topk_ids[r, c, 0])))}"
+             f"  {percent(float(a.topk_probs[r, c, 0]))}<br>B: {_html(labels_b(b.topk_tokens[r][c][0], int(b.topk_ids[r, c, 0])))}"
+             f"  {percent(float(b.topk_probs[r, c, 0]))}" for r, c in zip(rows, cols)]
+    fig.add_trace(go.Scatter(
+        x=cols.tolist(), y=rows.tolist(), mode="markers", showlegend=False, name="A ≠ B",
+        marker=dict(symbol="square-open", size=15, color="#ff2d55", line=dict(width=2.5)),
+        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
+    ))
     return fig
 
 
@@ -198,13 +269,13 @@ def target_chart(results: list[tuple[str, LensResult]], position: int = -1) -> g
         x = _depth(result, relative)
         prob = result.target.prob[:, col]
         rank = result.target.rank[:, col]
-        custom = [[layer, int(k)] for layer, k in zip(row_labels(result), rank)]
+        custom = [[layer, int(k), percent(float(p))] for layer, k, p in zip(row_labels(result), rank, prob)]
         token = _html(labels(result.target.token))
         name = _html(name)
         color = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"][i % 4]
         fig.add_trace(go.Scatter(
             x=x, y=prob, mode="lines+markers", name=f"{name}: p({token})", line=dict(color=color),
-            customdata=custom, hovertemplate="%{customdata[0]}: p=%{y:.1%}, rank %{customdata[1]}<extra>" + name + "</extra>",
+            customdata=custom, hovertemplate="%{customdata[0]}: p=%{customdata[2]}, rank %{customdata[1]}<extra>" + name + "</extra>",
         ))
         fig.add_trace(go.Scatter(
             x=x, y=rank, mode="lines", name=f"{name}: rank", yaxis="y2",
@@ -218,12 +289,21 @@ def target_chart(results: list[tuple[str, LensResult]], position: int = -1) -> g
                    font=dict(size=14)),
         xaxis=dict(title="fraction of depth (0 = embeddings, 1 = output)" if relative else "layer (0 = embeddings)"),
         yaxis=dict(title="probability", tickformat=".0%", range=[0, 1.02]),
-        yaxis2=dict(title="rank", type="log", overlaying="y", side="right", autorange="reversed", showgrid=False),
+        yaxis2=_rank_axis(max(int(r.target.rank.max()) for _, r in with_target)),
         legend=dict(orientation="h", y=-0.25),
         height=360,
         margin=dict(l=10, r=10, t=50, b=10),
     )
     return fig
+
+
+def _rank_axis(worst: int) -> dict:
+    """The rank axis (log, best at the top), labelled at powers of ten only (1, 10, 100, 1k, ...)."""
+    decades = range(0, max(1, int(np.ceil(np.log10(max(worst, 1) + 1)))) + 1)
+    values = [10 ** d for d in decades]
+    text = [f"{v:,}" if v < 1000 else f"{v // 1000:,}k" for v in values]
+    return dict(title="rank", type="log", overlaying="y", side="right", autorange="reversed", showgrid=False,
+                tickmode="array", tickvals=values, ticktext=text, minor=dict(showgrid=False, ticks=""))
 
 
 # ---------------------------------------------------------------- activation patching
@@ -241,7 +321,7 @@ def _token_pair(result, p: int, labels: TokenLabels) -> str:
     return clean if clean == corrupt else f"{clean} / {corrupt}"
 
 
-def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None) -> go.Figure:
+def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None, compact: bool = False) -> go.Figure:
     """A PatchResult's effect grid, rows × positions, in a diverging scale centred on 0 (1 = the
     clean answer restored, 0 = none, below 0 = further from it). `grid`: "resid" (rows: embeddings,
     layer 1..N), "attn" or "mlp" (rows: block 1..N). Hover: the effect, the patched metric and
@@ -273,7 +353,7 @@ def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None
                      f"effect {100 * z[r, c]:.1f}% of the way from corrupted to clean"]
             if values is not None:
                 parts.append(f"{_html(result.metric)} = {values[r, c]:.4g}")
-            parts.append("patched run: " + "  ".join(f"{_html(labels(t))} {_pct(q)}" for t, q in tops[r][c]))
+            parts.append("patched run: " + "  ".join(f"{_html(labels(t))} {percent(q)}" for t, q in tops[r][c]))
             line.append("<br>".join(parts))
         hover.append(line)
     bound = max(1.0, float(np.nanmax(np.abs(z))))
@@ -290,9 +370,8 @@ def patch_heatmap(result, grid: str = "resid", labels: TokenLabels | None = None
     fig.update_layout(
         title=dict(text=f"patching the {title} · {_html(result.metric)} · {_html(result.model)} · {result.backend}",
                    font=dict(size=14)),
-        xaxis=dict(tickmode="array", tickvals=list(range(n_cols)), ticktext=cols,
-                   title="position (clean / corrupted token)", tickangle=-40 if n_cols > 6 else 0),
-        yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=rows, title=None),
+        xaxis=_x_axis(cols, "position (clean / corrupted token)", compact),
+        yaxis=dict(tickmode="array", tickvals=list(range(n_rows)), ticktext=rows, title=None, automargin=True),
         height=max(360, min(1400, 120 + 20 * n_rows)),
         margin=dict(l=10, r=10, t=50, b=10),
         hoverlabel=dict(font=dict(family="monospace", size=12), align="left"),

@@ -13,7 +13,7 @@ import pandas as pd
 
 from tracing.lens import LensResult
 
-from .plots import row_labels
+from .plots import percent, row_labels
 from .tokens import TokenLabels, readable
 
 DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "lensbench-downloads"
@@ -31,7 +31,8 @@ def position_choices(result: LensResult, labels: TokenLabels) -> list[tuple[str,
 
 
 def topk_table(result: LensResult, column: int = -1, labels: TokenLabels | None = None) -> pd.DataFrame:
-    """One row per layer at one traced position: the top-k with probabilities, entropy, KL, target."""
+    """One row per layer at one traced position, output on top as in the heatmap: the top-k as
+    "token probability", entropy and KL to the output (nats), and the target's probability and rank."""
     labels = labels or TokenLabels()
     col = column % len(result.positions)
     k = result.topk_ids.shape[-1]
@@ -40,14 +41,30 @@ def topk_table(result: LensResult, column: int = -1, labels: TokenLabels | None 
         rec = {"layer": layer}
         for i in range(k):
             tok = labels(result.topk_tokens[r][col][i], int(result.topk_ids[r, col, i]))
-            rec[f"#{i + 1}"] = f"{tok}  {result.topk_probs[r, col, i]:.3f}"
-        rec["entropy"] = round(float(result.entropy[r, col]), 3)
-        rec["KL to final"] = round(float(result.kl_to_final[r, col]), 3)
+            rec[f"#{i + 1}"] = f"{tok} {percent(float(result.topk_probs[r, col, i]))}"
+        rec["entropy"] = round(float(result.entropy[r, col]), 2)
+        rec["KL"] = round(float(result.kl_to_final[r, col]), 2)
         if result.target is not None:
-            rec[f"p({readable(result.target.token)})"] = round(float(result.target.prob[r, col]), 4)
+            rec[f"p({readable(result.target.token)})"] = percent(float(result.target.prob[r, col]))
             rec["rank"] = int(result.target.rank[r, col])
         records.append(rec)
-    return pd.DataFrame.from_records(records[::-1])  # output on top, as in the heatmap
+    return pd.DataFrame.from_records(records[::-1])
+
+
+def token_at(result: LensResult, column: int, table_row: int, table_column: int) -> str | None:
+    """The token in a cell of `topk_table(result, column)`, or None outside the top-k columns."""
+    k = result.topk_ids.shape[-1]
+    if not 1 <= table_column <= k or not 0 <= table_row < result.n_rows:
+        return None
+    return result.topk_tokens[result.n_rows - 1 - table_row][column % len(result.positions)][table_column - 1]
+
+
+def table_widths(result: LensResult) -> list[str]:
+    """Column widths (percent of the table) for `topk_table`, so that it fits without scrolling."""
+    k = result.topk_ids.shape[-1]
+    fixed = [11] + [0] * k + [9, 7] + ([10, 7] if result.target is not None else [])
+    each = (100 - sum(fixed)) / k
+    return [f"{w}%" if w else f"{each:.1f}%" for w in fixed]
 
 
 def summary(result: LensResult, column: int = -1, labels: TokenLabels | None = None) -> str:
@@ -57,8 +74,10 @@ def summary(result: LensResult, column: int = -1, labels: TokenLabels | None = N
     pos = result.positions[col]
     after = labels(result.tokens[pos], result.token_ids[pos])
     top = labels(result.topk_tokens[-1][col][0], int(result.topk_ids[-1, col, 0]))
+    start = result.positions[0]
+    since = f" (from token {start})" if 0 < start and len(result.positions) > 1 else ""
     lines = [f"**{result.model}** · backend **{result.backend}** · {len(result.token_ids)} tokens, "
-             f"{len(result.positions)} traced × {result.n_rows} rows"]
+             f"{len(result.positions)} traced{since} × {result.n_rows} rows"]
     lines.append(f"After `{after}` the model predicts `{top}` ({result.topk_probs[-1, col, 0]:.1%}).")
     if result.target is not None:
         t = result.target
@@ -69,6 +88,9 @@ def summary(result: LensResult, column: int = -1, labels: TokenLabels | None = N
         where = (f"first becomes top-1 at **{result.layers[first_top]}**" if first_top is not None
                  else f"never becomes top-1 (final rank {int(ranks[-1])})")
         lines.append(f"Target `{token}`: {where}; probability across depth {story}.")
+    if result.temperature != 1.0:
+        how = "sharper" if result.temperature < 1 else "flatter"
+        lines.append(f"Probabilities at temperature {result.temperature:g}: {how} than the model's own (temperature 1).")
     seconds = result.info.get("seconds")
     if seconds is not None:
         lines.append(f"Traced in {seconds:.2f} s.")

@@ -42,6 +42,23 @@ def readable(text: str, raw: bytes | None = None) -> str:
     return "".join(out)
 
 
+_TYPED = {SPACE: " ", "\\n": "\n", "\\t": "\t"}
+
+
+def typed_token(text: str | None) -> str:
+    """What a visitor typed in a token box, as the token's text: '␣' is a space (so '␣Berlin' and
+    ' Berlin' are the same token), '\\n' and '\\t' a newline and a tab, as `readable` shows them."""
+    text = text or ""
+    for shown, real in _TYPED.items():
+        text = text.replace(shown, real)
+    return text
+
+
+def shown_token(text: str | None) -> str:
+    """A token's text as a token box shows it, spaces visible as '␣' (`readable`)."""
+    return readable(text) if text else ""
+
+
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet (each byte is shown as one printable character), inverted."""
