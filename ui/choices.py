@@ -30,8 +30,10 @@ BACKEND_LABELS: dict[str, str] = {
     "tuned-lens": "tuned-lens · logit lens",
     "tuned-lens-tuned": "tuned-lens · tuned lens",
     "llama-cpp": "llama.cpp (on the GGUF)",
+    "jacobian-lens": "Jacobian lens (TransformerLens)",
+    "nnsight": "nnsight",
 }
-TORCH_BACKENDS = {"hooks", "transformer-lens", "tuned-lens", "tuned-lens-tuned"}
+TORCH_BACKENDS = {"hooks", "transformer-lens", "tuned-lens", "tuned-lens-tuned", "jacobian-lens", "nnsight"}
 
 
 def backend_label(name: str) -> str:
@@ -162,6 +164,8 @@ class Catalog:
                 return problem
         if backend == "tuned-lens-tuned":
             return _tuned_lens_problem(entry.name)
+        if backend == "jacobian-lens":
+            return _jacobian_lens_problem(entry.name)
         return None
 
     def backend_choices(self, name: str | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -217,6 +221,17 @@ def _tuned_lens_problem(name: str) -> str | None:
     model = "" if name == DEFAULT_MODEL_NAME else f" --model '{name}'"
     return (f"no tuned lens trained for this model yet. Train one (a few minutes): "
             f"`python -m tracing train-lens{model} --text FILE`, then reload this page.")
+
+
+def _jacobian_lens_problem(name: str) -> str | None:
+    """A Jacobian lens is fitted per model (`python -m tracing fit-lens --kind jacobian`); say how when there is none."""
+    from tracing.jacobian_lens_backend import fitted_lens_dir
+
+    if fitted_lens_dir(name) is not None:
+        return None
+    model = "" if name == DEFAULT_MODEL_NAME else f" --model '{name}'"
+    return (f"no Jacobian lens fitted for this model yet. Fit one (several minutes): "
+            f"`python -m tracing fit-lens --kind jacobian{model}`, then reload this page.")
 
 
 def reasons_markdown(reasons: dict[str, str]) -> str:
