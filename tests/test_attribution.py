@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tracing
-from tests.converted_models import ARCHITECTURES, gguf_path, hf_model, model_dir
+from tests.converted_models import ARCHITECTURES, converted, hf_model, model_dir
 from tracing.attribution import attribute_with
 from tracing.errors import BadPrompt, BadTarget, UnsupportedModel
 
@@ -60,7 +60,7 @@ def runs():
             loaded = LoadedModel(ModelSource("hf", name, f"tiny {name}"), model, tokenizer, torch.device("cpu"),
                                  torch.float32, 0)
             hooks = loaded.adapter("hooks", HooksTracer)
-            cpp = tracing.open_tracer(str(gguf_path(name, "f32")), "llama-cpp")
+            cpp = tracing.open_tracer(str(converted(name, "f32")), "llama-cpp")
             ids = cpp.encode(PROMPT)
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
