@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 
 from tracing.models import DEFAULT_MODEL_NAME, resolve
@@ -98,6 +99,24 @@ def test_a_file_made_here_loads_back_with_its_reading(view, built):
     assert loaded["message"] == "" and loaded["results"]["visible"]
     assert loaded["built"].vector.key == built["built"].vector.key and loaded["built"].vector.promoted
     assert loaded["layers"] == "8-20" and "Loaded **" in loaded["summary"]
+
+
+def test_the_steered_lens_changes_only_the_rows_above_the_steered_layers(view, built):
+    vector = built["built"]
+    steered, plain, layers = view._lens_pair(vector, PROMPT, 0.0, "8-20", DEFAULT_MODEL_NAME)
+    assert layers == (8, 20) and steered.result.n_rows == plain.result.n_rows == 31
+    np.testing.assert_allclose(steered.result.topk_probs, plain.result.topk_probs, atol=1e-6)  # strength 0: nothing
+    assert steered.result.topk_ids.tolist() == plain.result.topk_ids.tolist()
+    strong, plain, _ = view._lens_pair(vector, PROMPT, 4.0, "8-20", DEFAULT_MODEL_NAME)
+    # direction.8 is added at the end of block 8 (from 0) = the lens's row 9: rows 0-8 are the plain model's
+    np.testing.assert_allclose(strong.result.topk_probs[:9], plain.result.topk_probs[:9], atol=1e-6)
+    assert strong.result.topk_ids[:9].tolist() == plain.result.topk_ids[:9].tolist()
+    assert np.abs(strong.result.entropy[9:] - plain.result.entropy[9:]).max() > 1e-3
+    assert not np.allclose(strong.result.topk_probs[9], plain.result.topk_probs[9], atol=1e-6)
+    figure, note = view.steer_lens(vector, PROMPT, 4.0, "8-20", DEFAULT_MODEL_NAME)
+    assert len(figure.data[0].z) == 31 and "unsteered" in note and "layers 8-20" in note
+    heatmap, note, message = merged(view.lens_steps(None, PROMPT, 0.2, "", DEFAULT_MODEL_NAME))
+    assert heatmap is None and note == "" and "Build a vector first" in message
 
 
 def test_stop_ends_the_build_with_a_message(view):

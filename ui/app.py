@@ -108,8 +108,9 @@ def launch(settings: Settings | None = None, *, block: bool = True, **launch_opt
     (tests, bench) returning (blocks, app, local url). `launch_options` go to `gr.Blocks.launch`."""
     demo, app = build_app(settings)
     demo.queue(max_size=32 if app.settings.public else None, default_concurrency_limit=app.settings.concurrency)
-    # No component takes uploads; page.js: clicks on heatmap cells, and a word when a typed number is clamped.
-    options = dict(max_file_size=0, show_error=False, inbrowser=False, css=CSS, js=PAGE_JS.read_text())
+    # Uploads: only the Steer tab's control-vector file (a Scout vector is about 1 MB), so a small limit;
+    # page.js: clicks on heatmap cells, and a word when a typed number is clamped.
+    options = dict(max_file_size="16mb", show_error=False, inbrowser=False, css=CSS, js=PAGE_JS.read_text())
     options.update(launch_options)
     _, url, _ = demo.launch(prevent_thread_lock=not block, **options)
     return demo, app, url

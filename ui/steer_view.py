@@ -19,9 +19,10 @@ import gradio as gr
 
 from tracing.errors import LensbenchError
 
-from . import steer_plots
+from . import plots, steer_plots
 from .choices import backend_label
-from .core import Core, Page, message_of, no_progress, problem_markdown, sub_progress, user_errors
+from .core import Core, Page, Traced, message_of, no_progress, problem_markdown, sub_progress, user_errors
+from .tokens import TokenLabels, byte_lookup
 
 DEFAULT_STRENGTH = 0.2
 MAX_EXAMPLES = 256  # texts per set (a public link: PUBLIC_MAX_EXAMPLES)
@@ -48,6 +49,9 @@ direction of the paired differences (**pca**, the sets paired line by line, so a
 - **Layers** A-B are where it is added: layer L is the output of block L counted from 0, as llama.cpp
   counts them (the Lens tab calls that residual "layer L+1"); block 0's output cannot be steered.
   The middle layers usually steer best; the same strength on more layers adds up.
+- **Lens** traces the prompt with the vector added (the Lens tab's heatmap): the rows below the first
+  steered layer are the plain model's; from layer A+1 up you see at which layer the concept takes
+  over. The line above it compares the steered next-token guess with the unsteered one.
 - **Seed** makes sampling repeatable, so the columns differ only by the vector. The file is llama.cpp's
   control-vector GGUF (`--control-vector`); a file made elsewhere (cvector-generator, repeng) loads too,
   but only on the model it was made for.
@@ -333,6 +337,61 @@ class SteerView:
             return
         yield html_out, profile, ""
 
+    def _lens_pair(self, built: Built | None, prompt, strength, layers, model, ignore_memory=False
+                   ) -> tuple[Traced, Traced, tuple[int, int]]:
+        """The lens of `prompt` with the vector added (at `strength` on `layers`) and without it, on the
+        runtime the vector was built with: (steered, plain, (first, last))."""
+        import tracing
+        from tracing.steering import Steering
+
+        if built is None:
+            raise LensbenchError("Build a vector first (or load a file): there is nothing to steer with yet.")
+        prompt = self.core.check_prompt(prompt, "prompt")
+        name = self.core.catalog.pick(model).name
+        if name != built.model:
+            raise LensbenchError(f"The vector was built on '{built.model}', and the model picked now is '{name}': "
+                                 "build it again (or load a file made for this model).")
+        steering = Steering.of(built.vector, float(strength or 0.0), layers)
+        tracer = self.core.open(name, built.backend, ignore_memory)
+        ids = tracer.encode(prompt)
+        self.core.check_tokens(len(ids))
+        labels = TokenLabels(byte_lookup(tracer))
+        steered = tracing.trace_with(tracer, prompt, ids=ids, steering=steering)
+        plain = tracing.trace_with(tracer, prompt, ids=ids)
+        return Traced(steered, labels), Traced(plain, labels), steering.layers
+
+    @staticmethod
+    def lens_note(steered: Traced, plain: Traced, strength, layers) -> str:
+        """One line: the steered and the plain next-token guess (top-1 of the last row, last position)."""
+        def guess(traced):
+            result = traced.result
+            token = result.topk_tokens[-1][-1][0]
+            shown = traced.labels(token, int(result.topk_ids[-1, -1, 0]))
+            return f"**{html.escape(shown)}** ({float(result.topk_probs[-1, -1, 0]):.0%})"
+
+        first, last = layers
+        return (f"Steered at strength {float(strength or 0.0):+g} on layers {first}-{last} (the lens's rows "
+                f"{first + 1}-{last + 1} and up can change), the next token is {guess(steered)}; unsteered, "
+                f"{guess(plain)}.")
+
+    @user_errors
+    def steer_lens(self, built, prompt, strength, layers, model, ignore_memory=False):
+        """The lens of the prompt with the vector added (the "steer_lens" API): the heatmap, as the Lens
+        tab draws it, and a line comparing its next-token guess with the unsteered one's."""
+        steered, plain, shaded = self._lens_pair(built, prompt, strength, layers, model, ignore_memory)
+        return (plots.heatmap(steered.result, plots.DEFAULT_METRIC, steered.labels),
+                self.lens_note(steered, plain, strength, shaded))
+
+    def lens_steps(self, built, prompt, strength, layers, model, ignore_memory=False):
+        """What the Lens button runs: the steered lens, or a message beside the prompt (no stale heatmap)."""
+        try:
+            steered, plain, shaded = self._lens_pair(built, prompt, strength, layers, model, ignore_memory)
+        except Exception as exc:
+            yield None, "", problem_markdown(message_of(exc, "steer_lens"), "No lens.")
+            return
+        yield (plots.heatmap(steered.result, plots.DEFAULT_METRIC, steered.labels),
+               self.lens_note(steered, plain, strength, shaded), "")
+
     # ---------------------------------------------------------------- layout and wiring
 
     def build(self, page: Page) -> None:
@@ -386,14 +445,21 @@ class SteerView:
                                                     label="Max new tokens", scale=2, elem_id="steer-max-tokens")
                         self.reply_button = gr.Button("Reply", scale=1, elem_id="steer-reply")
                         self.sweep_button = gr.Button("Sweep", variant="primary", scale=1, elem_id="steer-sweep-run")
+                        self.lens_button = gr.Button("Lens", scale=1, elem_id="steer-lens-run")
                     self.answer_message = gr.Markdown(elem_id="steer-answer-message")
                     self.answers = gr.HTML(elem_id="steer-answers")
+                    with gr.Accordion("Lens of the steered prompt", open=True, elem_id="steer-lens"):
+                        self.lens_note_md = gr.Markdown("Press **Lens**: the prompt traced with the vector added, "
+                                                        "to see at which layer the concept takes over.",
+                                                        elem_id="steer-lens-note")
+                        self.lens_plot = gr.Plot(show_label=False, elem_id="steer-lens-heatmap")
                     self.reading = gr.Plot(show_label=False, elem_id="steer-reading")
                     gr.Markdown(steer_plots.READING_NOTE)
                     self.profile = gr.Plot(show_label=False, elem_id="steer-profile")
                     gr.Markdown(steer_plots.PROFILE_NOTE)
                 self.api_sweep = gr.Button("steer_sweep", visible=False)
                 self.api_reply = gr.Button("steer_reply", visible=False)
+                self.api_lens = gr.Button("steer_lens", visible=False)
         self.built = gr.State(None)
 
     def connect(self, page: Page) -> None:
@@ -418,6 +484,11 @@ class SteerView:
         self.prompt.submit(self._reply_steps, answer_in, answer_out, **answer_ui)
         self.api_sweep.click(self.steer_sweep, answer_in, [self.answers, self.profile], api_name="steer_sweep", **heavy)
         self.api_reply.click(self.steer_reply, answer_in, [self.answers, self.profile], api_name="steer_reply", **heavy)
+        lens_in = [self.built, self.prompt, self.strength, self.layers, page.model, page.ignore_memory]
+        self.lens_button.click(self.lens_steps, lens_in, [self.lens_plot, self.lens_note_md, self.answer_message],
+                               api_visibility="private", show_progress_on=[self.lens_plot], **heavy)
+        self.api_lens.click(self.steer_lens, lens_in, [self.lens_plot, self.lens_note_md], api_name="steer_lens",
+                            **heavy)
         page.model.change(self.model_changed, [page.model, self.backend], [self.backend], api_visibility="private",
                           concurrency_limit=None)
 
