@@ -26,7 +26,8 @@ def client(server):
 def test_the_api_names_and_parameters(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     params = {name: [p["parameter_name"] for p in ep["parameters"]] for name, ep in endpoints.items()}
-    assert params["/lens"] == ["prompt", "model", "backend", "top_k", "temperature", "target", "metric"]
+    assert params["/lens"] == ["prompt", "model", "backend", "top_k", "temperature", "target", "metric",
+                               "first_position"]
     assert params["/chat"] == ["message", "history", "model", "system", "temperature", "top_p", "max_tokens", "seed"]
     assert params["/compare"][:6] == ["prompt", "target", "model_a", "backend_a", "model_b", "backend_b"]
     assert "/trace_reply" in params and "/stop" in params
@@ -81,8 +82,8 @@ def test_errors_come_back_as_messages_and_the_app_stays_up(client, server):
     with pytest.raises(Exception) as info:
         client.predict("x", DEFAULT_MODEL_NAME, "hooks", 500, 1.0, "", "entropy", api_name="/lens")
     assert "maximum" in str(info.value)
-    # Uploads are refused at the door (no component takes a file).
-    response = httpx.post(f"{server}gradio_api/upload", files={"files": ("a.txt", b"hello")})
+    # Uploads are bounded at the door (only the Steer tab's control-vector file, at most 16 MB).
+    response = httpx.post(f"{server}gradio_api/upload", files={"files": ("a.gguf", bytes(17 * 2**20))})
     assert response.status_code >= 400
     # Still serving.
     *_, summary, _, _ = client.predict("Hello", DEFAULT_MODEL_NAME, "hooks", 3, 1.0, "", "entropy", api_name="/lens")

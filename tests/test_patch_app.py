@@ -23,7 +23,7 @@ def no_progress(fraction, desc=None):
 
 
 def run(app, *example, model=DEFAULT_MODEL_NAME, backend="hooks", sublayers=True, progress=no_progress):
-    return dict(zip(OUTPUTS, app.patch(*example, model, backend, sublayers, progress=progress)))
+    return dict(zip(OUTPUTS, app.patch_tab.patch(*example, model, backend, sublayers, progress=progress)))
 
 
 def error_message(call) -> str:
@@ -77,7 +77,7 @@ def test_a_public_link_patches_short_prompts_only():
 def test_stop_ends_the_grid(app):
     def progress(fraction, desc=None):
         if fraction > 0.2:
-            app.stop_patch(None)
+            app.patch_tab.stop_patch(None)
 
     assert "Stopped" in error_message(lambda: run(app, *PATCH_EXAMPLES[0], progress=progress))
 
@@ -88,12 +88,26 @@ def test_the_tab_is_laid_out_with_its_examples_and_api():
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"tab-patch", "patch-clean", "patch-corrupt", "patch-heatmap", "patch-stop"} <= ids
     values = {c["props"].get("elem_id"): c["props"].get("value") for c in config["components"]}
-    assert values["patch-clean"] == "The capital of Germany is" and values["patch-target"] == " Berlin"
-    assert values["patch-corrupt"] == "The capital of France is" and values["patch-contrast"] == " Paris"
+    assert values["patch-clean"] == "The capital of Germany is" and values["patch-target"] == "␣Berlin"
+    assert values["patch-corrupt"] == "The capital of France is" and values["patch-contrast"] == "␣Paris"
     assert any(d.get("api_name") == "patch" for d in config["dependencies"])
-    # each page load reads models/ again, for the Patch tab's picker too
-    *_, patch_picker = app.refresh_models(None, None, None, None, "gone.gguf")
-    assert DEFAULT_MODEL_NAME in patch_picker["choices"] and patch_picker["value"] == DEFAULT_MODEL_NAME
+    # each page load reads models/ again, for the one model picker the tabs share
+    picker = app.refresh_models("gone.gguf")
+    assert DEFAULT_MODEL_NAME in picker["choices"] and picker["value"] == DEFAULT_MODEL_NAME
+
+
+def test_a_lens_cell_sets_up_patching_at_its_position(app):
+    from ui.core import Traced, merged
+
+    traced = Traced(app.lens_tab.lens("The capital of Germany is", DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "␣Berlin",
+                                      "top-1 probability")[0].result)
+    tabs, clean, corrupt, target, contrast, message = app.patch_tab.from_lens(traced, 3, "The capital of Germany is",
+                                                                              "␣Berlin")
+    assert tabs["selected"] == "patch" and clean == corrupt == "The capital of Germany is" and target == "␣Berlin"
+    assert "change `␣Germany` (position 3)" in message
+    summary, *_, results, note = merged(app.patch_tab.patch_steps(clean, corrupt, target, contrast,
+                                                                  DEFAULT_MODEL_NAME, "hooks", True))
+    assert "nothing to restore" in note and results["visible"] is False  # the message, in the page
 
 
 def test_patch_over_http(demo_server):
