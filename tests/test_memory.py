@@ -183,7 +183,7 @@ def test_the_app_shows_the_dtype_and_memory_warnings_and_has_the_override(machin
     from ui.app import LensApp, Settings, build_app
 
     app = LensApp(Settings())
-    out = app.lens("The capital of Germany is", DEFAULT_MODEL_NAME, "hooks", 3, 1.0, " Berlin", "entropy")
+    out = app.lens_tab.lens("The capital of Germany is", DEFAULT_MODEL_NAME, "hooks", 3, 1.0, "␣Berlin", "entropy")
     summary = out[5]
     assert "Weights in float32" in summary, summary
 
@@ -192,14 +192,13 @@ def test_the_app_shows_the_dtype_and_memory_warnings_and_has_the_override(machin
     assert "llama.cpp: Tight" in facts and "PyTorch (float32 on" in facts
     assert facts.count("⚠️") == 2 and "is free now" in facts
 
-    machine("50MB", "50MB")
-    chat_facts = app.chat_model_changed(DEFAULT_MODEL_NAME)
-    if "Loaded." not in chat_facts:  # (another test may have loaded it for chat already)
-        assert chat_facts.startswith("⚠️") and "--ignore-memory-check" in chat_facts
+    machine("50MB", "50MB")  # bigger than the whole machine: the one picker's facts say it won't load
+    shared_facts = app.model_facts(DEFAULT_MODEL_NAME)
+    assert "Does not fit" in shared_facts and "--ignore-memory-check" in shared_facts, shared_facts
 
     blocks, _ = build_app(Settings())
     boxes = [c for c in blocks.blocks.values() if getattr(c, "elem_id", None) == "ignore-memory"]
     assert len(boxes) == 1 and boxes[0].visible and boxes[0].value is False
     public, _ = build_app(Settings.for_launch(public=True))
     assert not [c for c in public.blocks.values() if getattr(c, "elem_id", None) == "ignore-memory"][0].visible
-    assert LensApp(Settings.for_launch(public=True))._memory_check_off(True) is False
+    assert LensApp(Settings.for_launch(public=True)).memory_check_off(True) is False
