@@ -248,13 +248,15 @@ def test_llama_cpp_strength_zero_is_the_unsteered_answer_and_a_vector_changes_it
     from chat.engine import chat, load
 
     options = dict(temperature=0.8, seed=3, max_tokens=24)
+    shared = load(None)
+    with shared.lock:  # like the steered runs, start from an empty prompt cache: a reused prefix from
+        shared.llama.reset()  # earlier tests decodes in other batches, which moves sampled tokens
     plain = chat(None, NEIGHBOR, **options)
     zero = chat(None, NEIGHBOR, steering=Steering.of(llama_vector, 0.0, "8-20"), **options)
     assert zero == plain  # the same seed, a zero vector through llama.cpp's control-vector path
     steered = chat(None, NEIGHBOR, steering=Steering.of(llama_vector, 0.4, "8-20"), **options)
     assert steered != plain
     assert chat(None, NEIGHBOR, **options) == plain  # nothing left on the context or in its prompt cache
-    shared = load(None)
     with shared.lock:  # chat's own Llama, used directly, is unsteered too
         direct = shared.llama.create_chat_completion(NEIGHBOR, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
     assert direct == chat(None, NEIGHBOR, temperature=0, max_tokens=24)
