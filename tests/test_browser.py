@@ -44,8 +44,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-    """A fresh page on the app; fails the test if the browser logs any error."""
-    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    """A fresh page on the app (1400 x 1000, a laptop's window); fails the test if the browser logs any error."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
@@ -68,27 +68,44 @@ def wait_for_summary(page, pattern: str) -> str:
     return summary_text(page)
 
 
-def hover_cell(page, row: int, col: int, n_rows: int, n_cols: int) -> str:
-    """Move the mouse over a heatmap cell (row 0 = embeddings, at the bottom) and read the hover box."""
-    area = page.locator("#lens-heatmap .nsewdrag").first
+def cell_center(page, row: int, col: int, n_rows: int, n_cols: int, plot: str = "#lens-heatmap") -> tuple:
+    """Where a heatmap cell is on the screen (row 0 = embeddings, at the bottom)."""
+    area = page.locator(f"{plot} .nsewdrag").first
     area.scroll_into_view_if_needed()
     box = area.bounding_box()
-    x = box["x"] + (col + 0.5) * box["width"] / n_cols
-    y = box["y"] + box["height"] - (row + 0.5) * box["height"] / n_rows
-    page.mouse.move(x, y)
+    return (box["x"] + (col + 0.5) * box["width"] / n_cols,
+            box["y"] + box["height"] - (row + 0.5) * box["height"] / n_rows)
+
+
+def hover_cell(page, row: int, col: int, n_rows: int, n_cols: int) -> str:
+    """Move the mouse over a heatmap cell and read the hover box."""
+    page.mouse.move(*cell_center(page, row, col, n_rows, n_cols))
     hover = page.locator("#lens-heatmap .hoverlayer .hovertext")
     hover.first.wait_for(timeout=10_000)
     return hover.first.text_content()
 
 
+def wait_for_text(page, selector: str, pattern: str, timeout: int = SLOW) -> str:
+    """Wait until the element's text matches `pattern` (a regular expression); return the text."""
+    page.wait_for_function(
+        "([s, p]) => { const e = document.querySelector(s); return e && new RegExp(p).test(e.innerText); }",
+        arg=[selector, pattern], timeout=timeout,
+    )
+    return page.inner_text(selector)
+
+
 def test_lens_example_heatmap_hover_and_backend_switch(page, server, tmp_path):
     _, app = server
-    # The first example: a click fills the prompt and target and runs the lens.
-    page.locator("#lens-trace").wait_for()
-    page.get_by_text("The capital of Germany is", exact=True).last.click()
+    # The page opens on the first example, traced: a newcomer sees a result before doing anything.
     text = wait_for_summary(page, "predicts ␣Berlin")
     assert "backend hooks" in text and "79.6%" in text
-    assert page.input_value("#lens-target textarea") == " Berlin"
+    # An example: a click fills the prompt and target and runs the lens.
+    page.get_by_text("Berlin is the capital of", exact=True).last.click()
+    wait_for_summary(page, "Target ␣Germany")
+    page.get_by_text("The capital of Germany is", exact=True).last.click()
+    text = wait_for_summary(page, "Target ␣Berlin")
+    assert "backend hooks" in text and "79.6%" in text
+    assert page.input_value("#lens-target textarea") == "␣Berlin"  # the leading space, visible
     page.locator("#lens-heatmap .heatmap-label").first.wait_for()
     labels = page.locator("#lens-heatmap .heatmap-label").all_text_contents()
     assert len(labels) == 31 * 5 and "␣Berlin" in labels
@@ -98,9 +115,11 @@ def test_lens_example_heatmap_hover_and_backend_switch(page, server, tmp_path):
     assert "layer 30 = output" in hover and "1. ␣Berlin  79.6%" in hover and "2. ␣Hamburg" in hover
     page.locator("#lens-chart .scatterlayer").first.wait_for()
     shots = DOCS if os.environ.get("LENSBENCH_SCREENSHOT") else tmp_path
-    page.evaluate("window.scrollTo(0, 0)")
-    hover_cell(page, 30, 4, 31, 5)
-    page.screenshot(path=str(shots / "lens-tab.png"), full_page=True)  # with the hover box showing
+    page.evaluate("window.scrollTo(0, 0)")  # what a 1400 x 1000 window shows first, hovering the answer's cell
+    box = page.locator("#lens-heatmap .nsewdrag").first.bounding_box()
+    page.mouse.move(box["x"] + 4.5 * box["width"] / 5, box["y"] + 0.5 * box["height"] / 31)
+    page.locator("#lens-heatmap .hoverlayer .hovertext").first.wait_for(timeout=10_000)
+    page.screenshot(path=str(shots / "lens-tab.png"))
     assert (shots / "lens-tab.png").stat().st_size > 50_000
     page.mouse.move(5, 5)
 
@@ -140,21 +159,26 @@ def test_chat_streams_an_answer(page):
     user = page.locator("#chat-history").inner_text()
     assert "Tell me about Berlin" in user
 
-    # "Trace this reply": the Lens tab opens on the reply, traced on the same GGUF through llama.cpp.
+    # "Trace this reply": the Lens tab opens with its inputs set to the reply (the conversation as the
+    # model read it, from the reply's first token, on the GGUF through llama.cpp), traced.
     if "llama-cpp" in BACKENDS:
         page.locator("#chat-trace").click()
         text = wait_for_summary(page, "backend llama-cpp")
         assert page.get_by_role("tab", name="Lens").get_attribute("aria-selected") == "true"
-        assert re.search(r"\d+ traced", text)
-        page.locator("#lens-heatmap .heatmap-label").first.wait_for()
+        assert re.search(r"\d+ traced \(from token \d+\)", text)
+        assert "Tell me about Berlin" in page.input_value("#lens-prompt textarea")
+        assert int(page.input_value("#lens-first-position input")) > 0
+        page.locator("#lens-heatmap .hm image").first.wait_for()  # (a reply over 40 tokens has no cell labels)
 
 
 def test_an_error_is_a_message_and_the_page_keeps_working(page):
+    wait_for_summary(page, "predicts ␣Berlin")
     page.locator("#lens-target textarea").fill("Berlin")  # two tokens for this model
     page.locator("#lens-trace").click()
-    toast = page.locator(".toast-body").first
-    toast.wait_for(timeout=SLOW)
-    assert "is one token: use that" in toast.inner_text()
+    message = wait_for_text(page, "#lens-message", "Not traced")
+    assert "is one token: use that" in message  # in the page, beside the target, not only a toast
+    assert not page.locator("#lens-heatmap").is_visible()  # no heatmap that belongs to other inputs
     page.locator("#lens-target textarea").fill(" Berlin")
     page.locator("#lens-trace").click()
     assert "predicts ␣Berlin" in wait_for_summary(page, "predicts ␣Berlin")
+    assert page.inner_text("#lens-message").strip() == ""
