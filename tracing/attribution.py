@@ -858,7 +858,6 @@ class LlamaCppAttribution:
         chunk = min(n, graph.n_ubatch)
         first = n - chunk  # earlier tokens are decoded first, without reading anything
         wanted = chunk - 1  # the row of the wanted position in the last decode
-        d = self.d_model
         got: dict = {}
 
         def reader(key):
