@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`... --json | head`): stop quietly
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
