@@ -34,6 +34,9 @@ BACKEND_LABELS: dict[str, str] = {
     "nnsight": "nnsight",
 }
 TORCH_BACKENDS = {"hooks", "transformer-lens", "tuned-lens", "tuned-lens-tuned", "jacobian-lens", "nnsight"}
+# The lenses llama.cpp reads on the GGUF (--lens-kind): value -> what people read.
+LENS_KINDS: dict[str, str] = {"logit": "logit", "tuned": "tuned", "jacobian": "Jacobian"}
+TRAIN_PANEL = "Train a learned lens"  # the Lens tab's accordion that trains the missing ones
 
 
 def backend_label(name: str) -> str:
@@ -51,6 +54,7 @@ class Catalog:
 
     allow_custom: bool = False  # accept typed paths / hub ids (a local host's choice; never on a public link)
     default: str | None = None  # the host's --model, listed first
+    can_train: bool = True  # the page offers the Train panel (not on a public link): reasons point to it
 
     def __post_init__(self) -> None:
         self._failures: dict[tuple[str, str], str] = {}
@@ -163,10 +167,36 @@ class Catalog:
             if problem:
                 return problem
         if backend == "tuned-lens-tuned":
-            return _tuned_lens_problem(entry.name)
+            return _tuned_lens_problem(entry.name, self.can_train)
         if backend == "jacobian-lens":
-            return _jacobian_lens_problem(entry.name)
+            return _jacobian_lens_problem(entry.name, self.can_train)
         return None
+
+    def lens_kind_problem(self, name: str | None, kind: str) -> str | None:
+        """Why llama.cpp cannot read lens `kind` on model `name`'s GGUF, or None when it can (the
+        logit lens always can; a tuned or Jacobian lens once one is saved for the model)."""
+        if kind not in LENS_KINDS:
+            return f"'{kind}' is not a lens kind; choose one of: {', '.join(LENS_KINDS.values())}."
+        if kind == "logit":
+            return None
+        try:
+            entry = self.pick(name)
+        except LensbenchError as exc:
+            return str(exc)
+        if kind == "tuned":
+            return _tuned_lens_problem(entry.name, self.can_train)
+        return _jacobian_lens_problem(entry.name, self.can_train)
+
+    def lens_kind_choices(self, name: str | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """Radio choices (label, kind) of the lens read on the GGUF, unavailable ones marked, and the reasons."""
+        choices, reasons = [], {}
+        for kind, label in LENS_KINDS.items():
+            problem = self.lens_kind_problem(name, kind)
+            if problem:
+                reasons[kind] = problem
+                label += " — unavailable"
+            choices.append((label, kind))
+        return choices, reasons
 
     def backend_choices(self, name: str | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
         """Radio choices (label, backend) for a model, unavailable ones marked, and the reasons."""
@@ -212,29 +242,47 @@ def _torch_gguf_problem(path: str) -> str | None:
     return None
 
 
-def _tuned_lens_problem(name: str) -> str | None:
-    """A tuned lens is trained per model (`python -m tracing train-lens`); say how when there is none."""
+def _tuned_lens_problem(name: str, can_train: bool = True) -> str | None:
+    """A tuned lens is trained per model; say how when there is none."""
     from tracing.tuned_lens_backend import trained_lens_dir
 
     if trained_lens_dir(name) is not None:
         return None
     model = "" if name == DEFAULT_MODEL_NAME else f" --model '{name}'"
-    return (f"no tuned lens trained for this model yet. Train one (a few minutes): "
-            f"`python -m tracing train-lens{model} --text FILE`, then reload this page.")
+    command = f"`python -m tracing train-lens{model} --text FILE`"
+    if can_train:
+        return (f"no tuned lens trained for this model yet: train one below (**{TRAIN_PANEL}**, a few minutes), "
+                f"or in a terminal: {command}.")
+    return f"no tuned lens trained for this model yet (the host trains one: {command})."
 
 
-def _jacobian_lens_problem(name: str) -> str | None:
-    """A Jacobian lens is fitted per model (`python -m tracing fit-lens --kind jacobian`); say how when there is none."""
+def _jacobian_lens_problem(name: str, can_train: bool = True) -> str | None:
+    """A Jacobian lens is fitted per model; say how when there is none."""
     from tracing.jacobian_lens_backend import fitted_lens_dir
 
     if fitted_lens_dir(name) is not None:
         return None
     model = "" if name == DEFAULT_MODEL_NAME else f" --model '{name}'"
-    return (f"no Jacobian lens fitted for this model yet. Fit one (several minutes): "
-            f"`python -m tracing fit-lens --kind jacobian{model}`, then reload this page.")
+    command = f"`python -m tracing fit-lens --kind jacobian{model}`"
+    if can_train:
+        return (f"no Jacobian lens fitted for this model yet: fit one below (**{TRAIN_PANEL}**, several minutes), "
+                f"or in a terminal: {command}.")
+    return f"no Jacobian lens fitted for this model yet (the host fits one: {command})."
 
 
-def reasons_markdown(reasons: dict[str, str]) -> str:
+def learned_lens_dir(name: str, kind: str):
+    """The saved lens of `kind` ("tuned" or "jacobian") for model `name`, where the Train panel and
+    `fit-lens` save it (the folder the PyTorch backends read too), or None when there is none."""
+    if kind == "tuned":
+        from tracing.tuned_lens_backend import trained_lens_dir
+
+        return trained_lens_dir(name)
+    from tracing.jacobian_lens_backend import fitted_lens_dir
+
+    return fitted_lens_dir(name)
+
+
+def reasons_markdown(reasons: dict[str, str], label=backend_label) -> str:
     if not reasons:
         return ""
-    return "  \n".join(f"**{backend_label(b)}** unavailable: {why}" for b, why in reasons.items())
+    return "  \n".join(f"**{label(b)}** unavailable: {why}" for b, why in reasons.items())

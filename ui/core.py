@@ -23,7 +23,7 @@ from tracing.errors import LensbenchError, UnsupportedModel
 from tracing.lens import LensResult
 from tracing.models import ignoring_memory_check, memory_notices
 
-from .choices import Catalog, backend_label
+from .choices import LENS_KINDS, Catalog, backend_label, learned_lens_dir
 from .tokens import TokenLabels, byte_lookup, typed_token
 
 log = logging.getLogger("lensbench.ui")
@@ -134,10 +134,12 @@ class Core:
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
-        self.catalog = Catalog(allow_custom=self.settings.allow_custom_models, default=self.settings.default_model)
+        self.catalog = Catalog(allow_custom=self.settings.allow_custom_models, default=self.settings.default_model,
+                               can_train=not self.settings.public)
         self._cancels: dict[str, threading.Event] = {}
         self._cancels_lock = threading.Lock()
-        self._opened: set[tuple[str, str]] = set()  # (model, backend) opened here: no "Loading" message again
+        # (model, backend, options) opened here: no "Loading" message again
+        self._opened: set[tuple[str, str, tuple]] = set()
 
     # ---------------------------------------------------------------- checks on what a visitor typed
 
@@ -178,15 +180,38 @@ class Core:
         for verdict in notes:
             gr.Warning(verdict.message)
 
-    def loading_note(self, model: str | None, backend: str) -> str | None:
+    def tracer_options(self, model: str, backend: str, lens_kind=None, remote=False, repo_id=None) -> dict:
+        """What `tracing.open_tracer` gets beside (model, backend) for a visitor's choices: the lens read
+        on the GGUF (llama.cpp only: its saved file, see `Catalog.lens_kind_problem`) and an NDIF run
+        (nnsight only; never on a public link). A choice that does not apply to `backend` is dropped."""
+        options: dict = {}
+        kind = lens_kind or "logit"
+        if backend == "llama-cpp" and kind != "logit":
+            problem = self.catalog.lens_kind_problem(model, kind)
+            if problem:
+                raise LensbenchError(f"llama.cpp cannot read a {LENS_KINDS.get(kind, kind)} lens on '{model}': {problem}")
+            options.update(lens_kind=kind, lens=str(learned_lens_dir(model, kind)))
+        if backend == "nnsight" and remote:
+            if self.settings.public:
+                raise LensbenchError("Running on NDIF is not offered on a public link: trace on this server's backends.")
+            options["remote"] = True
+            if (repo_id or "").strip():
+                options["repo_id"] = repo_id.strip()
+        return options
+
+    def loading_note(self, model: str | None, backend: str, **choices) -> str | None:
         """What the page says while (model, backend) loads, the first time it is used here; else None.
-        (The conversion's and a download's tqdm bars move the progress bar meanwhile.)"""
+        (The conversion's and a download's tqdm bars move the progress bar meanwhile.) `choices`:
+        as for `open`."""
         try:
             entry = self.catalog.pick(model)
+            options = self.tracer_options(entry.name, backend, **choices)
         except LensbenchError:
             return None
-        if (entry.name, backend) in self._opened or self.catalog.backend_problem(entry.name, backend):
+        if self._key(entry.name, backend, options) in self._opened or self.catalog.backend_problem(entry.name, backend):
             return None
+        if options.get("remote") and entry.kind == "hub":
+            return None  # nothing is loaded here: NDIF holds the weights
         how = ("converts the GGUF file for PyTorch (a minute or more; kept for next time)"
                if entry.kind == "gguf" and backend != "llama-cpp"
                else "downloads it from the Hugging Face hub (its size decides how long)" if entry.kind == "hub"
@@ -194,28 +219,38 @@ class Core:
         return (f"⏳ Loading **{entry.name}** for {backend_label(backend)}. The first load {how}; "
                 "later runs reuse it.")
 
-    def open(self, model: str | None, backend: str, ignore_memory=False):
-        """The tracer for (model, backend): loaded once, then reused from tracing's model cache."""
+    @staticmethod
+    def _key(name: str, backend: str, options: dict) -> tuple:
+        return name, backend, tuple(sorted(options.items()))
+
+    def open(self, model: str | None, backend: str, ignore_memory=False, *, lens_kind=None, remote=False,
+             repo_id=None):
+        """The tracer for (model, backend): loaded once, then reused from tracing's model cache.
+        lens_kind: with llama-cpp, "tuned" or "jacobian" reads the model's saved lens on the GGUF
+        (default: the logit lens). remote, repo_id: with nnsight, run on NDIF (`repo_id`: the hub id
+        NDIF hosts the model under; empty: the model's own)."""
         entry = self.catalog.pick(model)
         problem = self.catalog.backend_problem(entry.name, backend)
         if problem:
             raise LensbenchError(f"{backend_label(backend)} cannot trace '{entry.name}': {problem}")
+        options = self.tracer_options(entry.name, backend, lens_kind, remote, repo_id)
         try:
             with self.loading(ignore_memory):
-                tracer = tracing.open_tracer(entry.name, backend)
+                tracer = tracing.open_tracer(entry.name, backend, **options)
         except UnsupportedModel as exc:
-            self.catalog.record_failure(entry.name, backend, str(exc))
+            if not options:  # the model itself, not a lens file or NDIF: this backend cannot open it
+                self.catalog.record_failure(entry.name, backend, str(exc))
             raise
-        self._opened.add((entry.name, backend))
+        self._opened.add(self._key(entry.name, backend, options))
         return tracer
 
     def trace(self, model, backend, prompt, target, top_k, temperature, ignore_memory=False,
-              first_position=0) -> Traced:
+              first_position=0, **choices) -> Traced:
         """The lens on `prompt` (from token `first_position` on), checked against this app's bounds.
-        `target` as typed: '␣' stands for a space."""
+        `target` as typed: '␣' stands for a space. `choices`: lens_kind, remote, repo_id (see `open`)."""
         prompt = self.check_prompt(prompt)
         top_k = self.check_top_k(top_k)
-        tracer = self.open(model, backend, ignore_memory)
+        tracer = self.open(model, backend, ignore_memory, **choices)
         ids = tracer.encode(prompt)
         self.check_tokens(len(ids))
         start = int(first_position or 0)

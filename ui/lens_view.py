@@ -14,9 +14,10 @@ import gradio as gr
 from tracing.errors import LensbenchError
 
 from . import plots, tables
-from .choices import reasons_markdown
+from .choices import LENS_KINDS, reasons_markdown
 from .core import Core, Page, Traced, merged, message_of, problem_markdown, user_errors
 from .tokens import shown_token
+from .train_view import TrainPanel
 
 # Targets as the target box shows them: '␣' is the leading space most words have mid-sentence.
 LENS_EXAMPLES = [
@@ -45,7 +46,9 @@ follow its probability and rank through the layers in the chart. Click a token i
 
 **Logit lens or tuned lens?** The logit lens reads every layer with the model's own final layer; early
 layers "speak" a slightly different language, so their guesses look noisy. A **tuned lens** learns a
-small translator per layer first (`python -m tracing train-lens`), so early layers read better.
+small translator per layer first, so early layers read better; the **Jacobian lens** maps each layer
+by its average effect on the last one. Train either under **Train a learned lens** (or with
+`python -m tracing fit-lens`); then pick it in the backend switch, or as the **Lens** on llama.cpp.
 
 **Units.** Entropy and KL are in **nats** (information measured with the natural logarithm): 0 means
 one sure guess (entropy) or the same as the output (KL).
@@ -59,6 +62,7 @@ class LensView:
 
     def __init__(self, core: Core):
         self.core = core
+        self.train = TrainPanel(core, self)  # the "Train a learned lens" accordion, in this tab
         self._first: tuple[tuple, Traced] | None = None  # the page's first result, for every visitor
         self._first_lock = threading.Lock()
 
@@ -66,45 +70,54 @@ class LensView:
 
     @user_errors
     def lens(self, prompt, model, backend, top_k, temperature, target, metric, first_position=0,
-             ignore_memory=False, progress=gr.Progress(track_tqdm=True)):
+             ignore_memory=False, progress=gr.Progress(track_tqdm=True), lens_kind="logit", remote=False,
+             repo_id=""):
         """Trace `prompt` on `model` with `backend` (the "lens" API): state, heatmap, target chart,
         position picker, top-k table, summary, JSON and CSV downloads. `target`: one token ('␣' is a
         space); `first_position`: trace from this token on (0: all). `ignore_memory`: load even a
-        model that looks too big (the "Skip the memory check" box; ignored on a public link)."""
-        traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory, first_position)
+        model that looks too big (the "Skip the memory check" box; ignored on a public link).
+        In-process only: `lens_kind` (llama-cpp: "logit", "tuned", "jacobian") and `remote`,
+        `repo_id` (nnsight on NDIF), as `Core.open` takes them."""
+        traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory, first_position,
+                                 **_choices(lens_kind, remote, repo_id))
         return merged(self._shown(traced, metric, api=True))[:8]
 
     def lens_steps(self, prompt, model, backend, top_k, temperature, target, metric, first_position=0,
-                   ignore_memory=False, progress=gr.Progress(track_tqdm=True)):
+                   ignore_memory=False, progress=gr.Progress(track_tqdm=True), lens_kind="logit", remote=False,
+                   repo_id=""):
         """What the Trace button runs: the heatmap and summary as soon as they are ready, then the rest
         (the page's outputs, `self.outputs`). A mistake is a message beside the inputs, with a
         one-click fix when there is one, and the last trace's outputs are cleared."""
-        yield from self._loading(model, backend)
+        choices = _choices(lens_kind, remote, repo_id)
+        yield from self._loading(model, backend, choices)
         try:
-            traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory, first_position)
+            traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory, first_position,
+                                     **choices)
         except Exception as exc:
             yield self._failed(exc)
             return
         yield from self._shown(traced, metric)
 
-    def _loading(self, model, backend):
+    def _loading(self, model, backend, choices: dict):
         """Before a first load: what is happening, beside the inputs (the heatmap shows a spinner)."""
-        note = self.core.loading_note(model, backend)
+        note = self.core.loading_note(model, backend, **choices)
         if note:
             yield (gr.update(),) * 9 + (note,) + (gr.update(),) * 4
 
     def first_view(self, prompt, model, backend, top_k, temperature, target, metric, first_position=0,
-                   ignore_memory=False, progress=gr.Progress(track_tqdm=True)):
+                   ignore_memory=False, progress=gr.Progress(track_tqdm=True), lens_kind="logit", remote=False,
+                   repo_id=""):
         """On page load: the result of the inputs the page opens with (the first example), traced
         once for every visitor, so a newcomer sees a finished heatmap, not empty frames."""
-        key = (prompt, model, backend, top_k, temperature, target, first_position)
+        choices = _choices(lens_kind, remote, repo_id)
+        key = (prompt, model, backend, top_k, temperature, target, first_position, tuple(choices.items()))
         with self._first_lock:
             first = self._first if self._first and self._first[0] == key else None
         if first is None:
-            yield from self._loading(model, backend)
+            yield from self._loading(model, backend, choices)
             try:
                 traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory,
-                                         first_position)
+                                         first_position, **choices)
             except Exception as exc:
                 yield self._failed(exc)
                 return
@@ -144,17 +157,18 @@ class LensView:
         return gr.update(value=col), chart, table, summary, follow, token
 
     def follow(self, token, prompt, model, backend, top_k, temperature, metric, first_position=0,
-               ignore_memory=False, progress=gr.Progress(track_tqdm=True)):
+               ignore_memory=False, progress=gr.Progress(track_tqdm=True), lens_kind="logit", remote=False,
+               repo_id=""):
         """Trace again with `token` (a suggestion, or a picked cell's guess) as the target."""
         if not token:
             yield (gr.update(),) * len(self.outputs)
             return
         yield from self.lens_steps(prompt, model, backend, top_k, temperature, shown_token(token), metric,
-                                   first_position, ignore_memory, progress)
+                                   first_position, ignore_memory, progress, lens_kind, remote, repo_id)
 
     def table_picked(self, traced: Traced | None, column, prompt, model, backend, top_k, temperature, metric,
                      first_position=0, ignore_memory=False, evt: gr.SelectData = None,
-                     progress=gr.Progress(track_tqdm=True)):
+                     progress=gr.Progress(track_tqdm=True), lens_kind="logit", remote=False, repo_id=""):
         """A click on a token in the top-k table: follow it as the target (other cells do nothing)."""
         index = getattr(evt, "index", None)
         token = None
@@ -162,7 +176,7 @@ class LensView:
             col = int(column) if column is not None else -1
             token = tables.token_at(traced.result, col, int(index[0]), int(index[1]))
         yield from self.follow(token, prompt, model, backend, top_k, temperature, metric, first_position,
-                               ignore_memory, progress)
+                               ignore_memory, progress, lens_kind, remote, repo_id)
 
     def model_changed(self, model, backend):
         """New model: the backend switch with what it cannot use marked, and why. (A model that is
@@ -185,6 +199,30 @@ class LensView:
         choices, reasons = self.core.catalog.backend_choices(model)
         usable = [b for _, b in choices if b not in reasons]
         return gr.update(value=usable[0] if usable else None), problem_markdown(problem)
+
+    def options_shown(self, backend):
+        """The options of the picked backend: the lens read on the GGUF (llama.cpp), NDIF (nnsight;
+        never on a public link)."""
+        return (gr.update(visible=backend == "llama-cpp"),
+                gr.update(visible=backend == "nnsight" and not self.core.settings.public))
+
+    def lens_kinds(self, model, lens_kind="logit"):
+        """The "Lens" choice on the GGUF for `model`: tuned and Jacobian marked unavailable until a lens
+        is saved for it (with the reason: the Train panel below); an unavailable pick goes back to logit."""
+        try:
+            self.core.catalog.pick(model)
+        except LensbenchError:
+            return gr.update(), ""
+        choices, reasons = self.core.catalog.lens_kind_choices(model)
+        value = lens_kind if lens_kind in LENS_KINDS and lens_kind not in reasons else "logit"
+        return gr.update(choices=choices, value=value), reasons_markdown(reasons, LENS_KINDS.get)
+
+    def lens_kind_changed(self, model, lens_kind):
+        """Refuse an unavailable lens kind with its reason and go back to the logit lens."""
+        problem = self.core.catalog.lens_kind_problem(model, lens_kind)
+        if not problem:
+            return gr.update(), gr.update()
+        return gr.update(value="logit"), problem_markdown(problem)
 
     # ---------------------------------------------------------------- outputs
 
@@ -262,6 +300,23 @@ class LensView:
                 self.backend = gr.Radio(choices, value=next((b for _, b in choices if b not in reasons), "hooks"),
                                         label="Backend", elem_id="lens-backend")
                 self.backend_note = gr.Markdown(reasons_markdown(reasons), elem_id="lens-backend-note")
+                backend = self.backend.value
+                with gr.Column(visible=backend == "llama-cpp", elem_id="lens-gguf-options") as self.gguf_options:
+                    kinds, kind_reasons = catalog.lens_kind_choices(default_model)
+                    self.lens_kind = gr.Radio(kinds, value="logit", label="Lens (on the GGUF)", elem_id="lens-kind",
+                                              info="tuned and Jacobian read the lens saved for this model")
+                    self.lens_kind_note = gr.Markdown(reasons_markdown(kind_reasons, LENS_KINDS.get),
+                                                      elem_id="lens-kind-note")
+                with gr.Column(visible=backend == "nnsight" and not s.public,
+                               elem_id="lens-remote-options") as self.remote_options:
+                    self.remote = gr.Checkbox(False, label="Run on NDIF (remote)", elem_id="lens-remote",
+                                              info="The trace runs on NDIF's hosted copy of the model (needs an API "
+                                                   "key in NDIF_API_KEY on this server); only the lens statistics "
+                                                   "come back.")
+                    self.repo_id = gr.Textbox(label="NDIF model id", placeholder="e.g. meta-llama/Llama-3.1-70B",
+                                              elem_id="lens-repo-id",
+                                              info="The Hugging Face id NDIF hosts the picked model under (empty: "
+                                                   "the picked model's own id).")
                 with gr.Row():
                     self.top_k = gr.Slider(1, s.max_top_k, value=5, step=1, label="Top-k", elem_id="lens-top-k")
                     self.temperature = gr.Slider(0.1, 3.0, value=1.0, step=0.1, label="Temperature",
@@ -270,6 +325,7 @@ class LensView:
                                                 info="0 traces every position; Trace this reply (Chat) starts at "
                                                      "the reply.", elem_id="lens-first-position")
                 self.api_only = gr.Button("lens", visible=False)
+                self.train.build(page)
             with gr.Column(scale=3):
                 with gr.Accordion("What am I looking at?", open=False, elem_id="lens-help"):
                     gr.Markdown(HELP)
@@ -299,8 +355,10 @@ class LensView:
                         self.csv_file = gr.File(label="CSV (one line per cell and rank)", interactive=False,
                                                 visible=False, elem_id="lens-csv")
                 self.traced = gr.State(None)
-        self.inputs = [self.prompt, page.model, self.backend, self.top_k, self.temperature, self.target, self.metric,
-                       self.first_position, page.ignore_memory]
+        self.api_inputs = [self.prompt, page.model, self.backend, self.top_k, self.temperature, self.target,
+                           self.metric, self.first_position, page.ignore_memory]
+        self.choices = [self.lens_kind, self.remote, self.repo_id]  # after the progress parameter
+        self.inputs = self.api_inputs + self.choices
         self.api_outputs = [self.traced, self.heatmap, self.chart, self.position, self.table, self.summary,
                             self.json_file, self.csv_file]
         self.outputs = self.api_outputs + [self.results, self.message, self.suggest, self.suggested, self.target,
@@ -314,7 +372,7 @@ class LensView:
         self.target.submit(self.lens_steps, self.inputs, self.outputs, **run)
         self.examples.load_input_event.then(self.lens_steps, self.inputs, self.outputs, **run)
         # The same as one call with every output in its answer, for gradio_client and "Use via API".
-        self.api_only.click(self.lens, self.inputs, self.api_outputs, api_name="lens", **page.heavy)
+        self.api_only.click(self.lens, self.api_inputs, self.api_outputs, api_name="lens", **page.heavy)
         page.blocks.load(self.first_view, self.inputs, self.outputs, **run)
 
         quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
@@ -326,7 +384,7 @@ class LensView:
         self.cell.change(self.cell_picked, [self.traced, self.cell, self.metric],
                         [self.position, self.chart, self.table, self.summary, self.follow_button, self.picked],
                         **quick)
-        follow_inputs = self.inputs[:5] + [self.metric, self.first_position, page.ignore_memory]
+        follow_inputs = self.inputs[:5] + [self.metric, self.first_position, page.ignore_memory] + self.choices
         self.suggest.click(self.follow, [self.suggested] + follow_inputs, self.outputs, **run)
         self.follow_button.click(self.follow, [self.picked] + follow_inputs, self.outputs, **run)
         self.table.select(self.table_picked, [self.traced, self.position] + follow_inputs, self.outputs, **run)
@@ -335,10 +393,22 @@ class LensView:
                           api_visibility="private", concurrency_limit=None)
         self.backend.input(self.backend_changed, [page.model, self.backend], [self.backend, self.backend_note],
                            api_visibility="private", concurrency_limit=None)
+        instant = dict(api_visibility="private", queue=False, show_progress="hidden")
+        self.backend.change(self.options_shown, self.backend, [self.gguf_options, self.remote_options], **instant)
+        page.model.change(self.lens_kinds, [page.model, self.lens_kind], [self.lens_kind, self.lens_kind_note],
+                          api_visibility="private", concurrency_limit=None)
+        self.lens_kind.input(self.lens_kind_changed, [page.model, self.lens_kind], [self.lens_kind,
+                             self.lens_kind_note], **instant)
+        self.train.connect(page)
         patch = page.views.get("patch")
         if patch is not None:
             self.patch_link.click(patch.from_lens, [self.traced, self.position, self.prompt, self.target],
                                   patch.lens_link_outputs(page), api_visibility="private", queue=False)
+
+
+def _choices(lens_kind, remote, repo_id) -> dict:
+    """The visitor's backend options as `Core.open` takes them."""
+    return dict(lens_kind=lens_kind or "logit", remote=bool(remote), repo_id=(repo_id or "").strip() or None)
 
 
 def _follow_label(token: str | None) -> str:
