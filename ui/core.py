@@ -197,6 +197,9 @@ class Core:
             options["remote"] = True
             if (repo_id or "").strip():
                 options["repo_id"] = repo_id.strip()
+            elif self.catalog.pick(model).kind == "gguf":
+                raise LensbenchError(f"NDIF runs Hugging Face checkpoints, and '{model}' is a GGUF file here: type the "
+                                     "id NDIF hosts it under in NDIF model id (e.g. meta-llama/Llama-3.1-8B).")
         return options
 
     def loading_note(self, model: str | None, backend: str, **choices) -> str | None:

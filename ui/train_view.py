@@ -191,7 +191,7 @@ class TrainPanel:
                         lens.lens_kind_note]
         self.train_button.click(self.train_steps, inputs, self.outputs, api_visibility="private",
                                 show_progress_on=[self.message], **page.heavy)
-        self.stop_button.click(self.stop, None, None, api_visibility="private", queue=False)
+        self.stop_button.click(self.stop, None, None, api_name="train_stop", api_visibility="private", queue=False)
         instant = dict(api_visibility="private", queue=False, show_progress="hidden")
         self.source.change(self.texts_shown, self.source, [self.pasted, self.upload], **instant)
         for trigger in (self.kind.change, page.model.change):
