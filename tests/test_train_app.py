@@ -10,6 +10,7 @@ ones tests/test_learned_lenses.py fits and keeps in .cache/test-lenses.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -249,3 +250,55 @@ def test_the_lens_on_the_gguf_is_logit_tuned_or_jacobian(app, lenses, request):
     assert app.tracer_options(DEFAULT_MODEL_NAME, "hooks", lens_kind="tuned") == {}
     shown = view.options_shown("llama-cpp")
     assert shown[0]["visible"] and not shown[1]["visible"]
+
+
+# ---------------------------------------------------------------- one visit in a real browser
+
+CHROMIUM = "/usr/bin/chromium"
+SLOW = 180_000
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_a_visitor_trains_a_lens_on_the_gguf_and_reads_it(smollm2, demo_server, lenses):
+    """Open the panel, make a mistake, train a (tiny) tuned lens from the GGUF alone, watch the progress
+    bar and the KL chart, and read the new lens on llama.cpp: all without reloading the page."""
+    from playwright import sync_api
+
+    from tests.test_browser import FLAGS, wait_for_text
+
+    url, app = demo_server
+    app.lens_tab.train.fit_options["tuned"] = dict(steps=1, tokens_per_step=16, seq_len=16)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.goto(url)
+        wait_for_text(page, "#lens-summary", "predicts")
+        assert not page.locator("#lens-kind").is_visible()  # a llama.cpp option: hidden on hooks
+        page.get_by_text("llama.cpp (on the GGUF)", exact=True).click()
+        page.locator("#lens-kind").wait_for(state="visible")
+        assert "Train a learned lens" in wait_for_text(page, "#lens-kind-note", "tuned|Jacobian")
+        page.locator("#train-panel > button, #train-panel .label-wrap").first.click()  # open the accordion
+        page.get_by_text("from the GGUF alone (llama.cpp)", exact=True).click()
+        page.get_by_text("Pasted text", exact=True).click()
+        page.locator("#train-text textarea").wait_for(state="visible")
+        page.locator("#train-run").click()  # nothing pasted yet: a message, and the inputs stay
+        assert "pasted text is empty" in wait_for_text(page, "#train-message", "Not trained")
+        page.locator("#train-text textarea").fill(TEXT[:1200])
+        page.locator("#train-run").click()
+        page.locator("#train-message .progress-text, #train-message .eta-bar, #train-message .meta-text"
+                     ).first.wait_for(timeout=SLOW)  # the progress bar, while it trains
+        assert "Saved the tuned lens" in wait_for_text(page, "#train-message", "Saved", timeout=SLOW)
+        page.wait_for_function("() => document.querySelectorAll('#train-chart .scatterlayer .trace').length == 2",
+                               timeout=SLOW)
+        assert "nats" in page.inner_text("#train-summary")
+        # The lens choice offers it now; trace with it.
+        page.locator("#lens-kind").get_by_text("tuned", exact=True).click()
+        page.locator("#lens-trace").click()
+        wait_for_text(page, "#lens-summary", "backend llama-cpp")
+        page.locator("#lens-heatmap .ytick").first.wait_for(timeout=SLOW)
+        page.wait_for_function("() => [...document.querySelectorAll('#lens-heatmap .ytick')]"
+                               ".some(t => t.textContent.includes('tuned'))", timeout=SLOW)
+        browser.close()
+    assert errors == []

@@ -237,6 +237,12 @@ class Core:
         if problem:
             raise LensbenchError(f"{backend_label(backend)} cannot trace '{entry.name}': {problem}")
         options = self.tracer_options(entry.name, backend, lens_kind, remote, repo_id)
+        if options.get("remote") and self._key(entry.name, backend, options) not in self._opened:
+            from tracing.nnsight_backend import check_available, require_key
+
+            require_key()  # a missing key, or NDIF out of reach, is said before a local copy loads for nothing
+            if options.get("repo_id") or entry.kind == "hub":
+                check_available(options.get("repo_id") or entry.name)
         try:
             with self.loading(ignore_memory):
                 tracer = tracing.open_tracer(entry.name, backend, **options)
