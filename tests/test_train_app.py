@@ -192,7 +192,7 @@ def test_a_tuned_lens_trained_from_the_gguf_alone_becomes_the_lens_on_llama_cpp(
     assert usable(kinds) == {"logit"} and kinds["value"] == "logit" and "Train a learned lens" in note
     app.lens_tab.train.fit_options["tuned"] = dict(steps=1, tokens_per_step=16, seq_len=16)
     try:
-        out = trained(app, "tuned", "llama-cpp", "pasted", TEXT[:1200], None, DEFAULT_MODEL_NAME, "llama-cpp", "logit")
+        out = trained(app, "tuned", "llama-cpp", "pasted", TEXT[:800], None, DEFAULT_MODEL_NAME, "llama-cpp", "logit")
     finally:
         app.lens_tab.train.fit_options["tuned"] = dict(SMALL["tuned"])
     assert out["message"].startswith("✅ Saved the tuned lens"), out["message"]
@@ -285,7 +285,7 @@ def test_a_visitor_trains_a_lens_on_the_gguf_and_reads_it(smollm2, demo_server, 
         page.locator("#train-text textarea").wait_for(state="visible")
         page.locator("#train-run").click()  # nothing pasted yet: a message, and the inputs stay
         assert "pasted text is empty" in wait_for_text(page, "#train-message", "Not trained")
-        page.locator("#train-text textarea").fill(TEXT[:1200])
+        page.locator("#train-text textarea").fill(TEXT[:800])
         page.locator("#train-run").click()
         page.locator("#train-message .progress-text, #train-message .eta-bar, #train-message .meta-text"
                      ).first.wait_for(timeout=SLOW)  # the progress bar, while it trains
