@@ -18,9 +18,10 @@ from tracing.models import DEFAULT_MODEL_NAME
 from ui.app import LensApp, Settings, build_app
 from ui.attribution_view import ATTRIBUTION_EXAMPLES, MEAN_HEAD, AttributionView
 from ui.core import merged, no_progress
+from ui.tokens import typed_token
 
-OUTPUTS = ("summary", "bars", "heads", "pattern", "fetched", "routing")
-STEPS = ("summary", "bars", "heads", "layer", "head", "pattern", "fetched", "routing", "state", "results", "message")
+OUTPUTS = AttributionView.API_OUTPUTS
+STEPS = AttributionView.STEP_OUTPUTS
 EXAMPLE = ATTRIBUTION_EXAMPLES[0]  # The capital of Germany is -> ␣Berlin vs ␣Paris
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -122,6 +123,34 @@ def test_the_gguf_and_the_attention_viewer(view, app, smollm2_llama_cpp):
     assert "mean over heads (9)" in figure.layout.title.text and heads["value"] == MEAN_HEAD
     # Nothing attributed yet: a word, not a crash.
     assert "Attribute" in view.show_attention(None, 3, 0)[2]
+
+
+def test_attribute_this_reply_fills_the_tab_and_attributes_its_first_token(app, view):
+    chat = app.chat_tab
+    *_, (history, _) = chat.chat("What is the capital of Germany?", [], DEFAULT_MODEL_NAME, "", 0.0, 0.95, 12, 1)
+    reply = history[-1]["content"]
+    out = merged(chat.attribute_reply_steps(history, DEFAULT_MODEL_NAME, "", progress=no_progress))
+    tabs, prompt, target, contrast, position, backend, status = out[:7]
+    shown = dict(zip(STEPS, out[7:]))
+    assert tabs["selected"] == "attribution" and backend == "llama-cpp" and contrast == "" and position == -1
+    assert status == "" and shown["message"] == "" and shown["results"]["visible"] is True
+    # The conversation as the model read it, up to the reply; the target is the reply's first token.
+    assert "<|im_start|>assistant" in prompt and not prompt.endswith(reply) and prompt.rstrip().endswith("assistant")
+    tracer = app.open(DEFAULT_MODEL_NAME, "llama-cpp")
+    whole = tracer.encode(prompt + reply)
+    ids = tracer.encode(prompt)
+    assert whole[: len(ids)] == ids and reply.startswith(typed_token(target).lstrip())
+    result = shown["state"].attribution
+    assert result.target_id == whole[len(ids)] and result.position == len(ids) - 1
+    # The tab shows what its inputs give: Attribute with them is the same result.
+    again = steps(view, prompt, target, contrast, position, backend="llama-cpp")
+    assert again["summary"] == shown["summary"]
+    api = chat.attribute_reply(history, DEFAULT_MODEL_NAME, "", progress=no_progress)
+    assert api[1:6] == (prompt, target, "", -1, "llama-cpp") and api[6] == shown["summary"]
+    # No reply yet: a line under the chat, nothing else touched.
+    empty = merged(chat.attribute_reply_steps([], DEFAULT_MODEL_NAME, "", progress=no_progress))
+    assert "no reply" in empty[6] and "Not attributed." in empty[6]
+    assert all(value == gr.update() for i, value in enumerate(empty) if i != 6)
 
 
 def test_a_long_prompt_fetches_one_layer_within_the_bound(view):

@@ -1,8 +1,10 @@
-"""The Gradio app: one model picker above the tabs (Lens, Chat, Compare, Patch), each tab a view.
+"""The Gradio app: one model picker above the tabs (Lens, Chat, Compare, Patch, Steer, Attribution),
+each tab a view.
 
 `LensApp` holds the shared part (`core.Core`: settings, catalog, checks, model opening) and one
-object per tab (`lens_tab`, `chat_tab`, `compare_tab`, `patch_tab`), whose methods are what a
-click runs (callable in-process and by the tests). `build_app` lays out the page and lets each
+object per tab (`lens_tab`, `chat_tab`, `compare_tab`, `patch_tab`, `steer_tab`, `attribution_tab`;
+`views` lists them in the page's order), whose methods are what a click runs (callable in-process
+and by the tests). `build_app` lays out the page and lets each
 view build and wire its tab; a new tab is one more view class in `LensApp.__init__`.
 A mistake a visitor makes is a message in the page beside what caused it; the app stays up.
 """
@@ -35,7 +37,10 @@ label[data-testid$="unavailable-radio-label"] { opacity: 0.45; pointer-events: n
 #lens-table .cell-wrap { font-size: 0.85em; white-space: normal; overflow-wrap: anywhere; }
 #lens-cell { display: none !important; }  /* carries heatmap clicks (page.js); not for people */
 .range-note { color: var(--body-text-color-subdued); font-size: 0.85em; margin-top: 4px; }
-#lens-message:empty, #compare-message:empty, #patch-message:empty, #chat-status:empty { display: none; }
+/* A message or note with nothing to say takes no room (not even the column's gap). Gradio wraps every
+   Markdown in a block, so the block itself is never :empty; its text span is. */
+:is(#lens-message, #lens-backend-note, #lens-kind-note, #compare-message, #patch-message, #chat-status,
+    #attribution-message, #steer-message, #steer-answer-message, #train-message):has(.md:empty) { display: none; }
 """
 
 __all__ = ["LensApp", "Settings", "Traced", "build_app", "launch", "plain_messages", "user_errors",
@@ -48,11 +53,13 @@ class LensApp(Core):
     def __init__(self, settings: Settings | None = None):
         super().__init__(settings)
         self.lens_tab = LensView(self)
-        self.chat_tab = ChatView(self, self.lens_tab)
+        self.attribution_tab = AttributionView(self)
+        self.chat_tab = ChatView(self, self.lens_tab, self.attribution_tab)
         self.compare_tab = CompareView(self)
         self.patch_tab = PatchView(self)
-        self.views = [self.lens_tab, self.chat_tab, self.compare_tab, self.patch_tab, SteerView(self)]  # the tabs, in order
-        self.views.append(AttributionView(self))
+        self.steer_tab = SteerView(self)
+        self.views = [self.lens_tab, self.chat_tab, self.compare_tab, self.patch_tab, self.steer_tab,
+                      self.attribution_tab]  # the tabs, in order
 
     def model_facts(self, model) -> str:
         """What the picked model is: architecture, size, and whether each way to load it fits in memory."""

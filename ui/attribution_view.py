@@ -322,17 +322,29 @@ class AttributionView:
                 self.state = gr.State(None)
                 self.api_only = gr.Button("attribute", visible=False)
 
+    # What the Attribute button fills (`attribute_steps` yields them in this order) and what the
+    # "attribute" API returns: the components' names, for the links from other tabs.
+    STEP_OUTPUTS = ("summary", "bars", "heads", "layer", "head", "pattern", "fetched", "routing", "state", "results",
+                    "message")
+    API_OUTPUTS = ("summary", "bars", "heads", "pattern", "fetched", "routing")
+
+    @property
+    def outputs(self) -> list:
+        return [getattr(self, name) for name in self.STEP_OUTPUTS]
+
+    @property
+    def api_outputs(self) -> list:
+        return [getattr(self, name) for name in self.API_OUTPUTS]
+
     def connect(self, page: Page) -> None:
         inputs = [self.prompt, self.target, self.contrast, self.position, page.model, self.backend, page.ignore_memory]
-        outputs = [self.summary, self.bars, self.heads, self.layer, self.head, self.pattern, self.fetched,
-                   self.routing, self.state, self.results, self.message]
+        outputs = self.outputs
         ui = dict(api_visibility="private", show_progress_on=[self.bars], **page.heavy)
         self.button.click(self.attribute_steps, inputs, outputs, **ui)
         self.examples.click(lambda i: tuple(ATTRIBUTION_EXAMPLES[i]), self.examples,
                             [self.prompt, self.target, self.contrast, self.position], api_visibility="private",
                             queue=False).then(self.attribute_steps, inputs, outputs, **ui)
-        self.api_only.click(self.attribute, inputs, [self.summary, self.bars, self.heads, self.pattern, self.fetched,
-                                                     self.routing], api_name="attribute", **page.heavy)
+        self.api_only.click(self.attribute, inputs, self.api_outputs, api_name="attribute", **page.heavy)
         viewer = [self.head, self.pattern, self.fetched, self.state]
         pick = dict(api_visibility="private", show_progress_on=[self.pattern], **page.heavy)
         self.layer.input(self.show_layer, [self.state, self.layer, page.ignore_memory], viewer, **pick)

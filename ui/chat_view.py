@@ -1,5 +1,7 @@
-"""The Chat tab: a streaming chat with the picked GGUF model, and "Trace this reply", which fills
-the Lens tab's inputs with the conversation as the model read it and traces the reply.
+"""The Chat tab: a streaming chat with the picked GGUF model; "Trace this reply", which fills the
+Lens tab's inputs with the conversation as the model read it and traces the reply; and "Attribute
+this reply", which fills the Attribution tab's inputs (the conversation up to the reply, the reply's
+first token as the target) and attributes it.
 
 A reply cut by the token limit, or stopped, says so in the conversation (a note the app adds,
 never sent back to the model).
@@ -12,6 +14,7 @@ import gradio as gr
 from tracing.errors import LensbenchError
 
 from .core import Core, Page, message_of, problem_markdown, user_errors
+from .tokens import shown_token
 
 HELP = """
 **Chat** with the model picked above (a GGUF file: llama.cpp runs it). The model's own chat template
@@ -24,6 +27,8 @@ wraps your messages as it was trained to read them.
 - **Trace this reply** opens the Lens tab on the conversation exactly as the model read it (its chat
   template written out, special tokens included) and traces the reply's tokens: each column shows
   what the model would write next after that token, layer by layer.
+- **Attribute this reply** opens the Attribution tab on the conversation up to the reply, with the
+  reply's first token as the target: which layers and heads wrote that token.
 """
 
 
@@ -62,13 +67,14 @@ def ending_note(finish_reason: str | None, max_tokens: int) -> dict | None:
 
 
 class ChatView:
-    """The Chat tab: send, stop, the model's facts, and the link to the Lens tab."""
+    """The Chat tab: send, stop, the model's facts, and the links to the Lens and Attribution tabs."""
 
     id, title = "chat", "Chat"
 
-    def __init__(self, core: Core, lens):
+    def __init__(self, core: Core, lens, attribution=None):
         self.core = core
         self.lens = lens  # the Lens tab's view: "Trace this reply" fills its inputs and traces them
+        self.attribution = attribution  # the Attribution tab's view, for "Attribute this reply"
 
     # ---------------------------------------------------------------- what a click runs
 
@@ -162,6 +168,40 @@ class ChatView:
         with self.core.loading(ignore_memory):
             return reply_as_prompt(entry.name, context, messages[-1]["content"])
 
+    def reply_as_attribution_input(self, history, model, system, ignore_memory=False) -> tuple[str, str]:
+        """The last reply as the Attribution tab's inputs: the conversation as the model read it, up
+        to the reply, and the reply's first token (as a token box shows it, '␣' a space)."""
+        prompt, start = self.reply_as_lens_input(history, model, system, ignore_memory)
+        reply = plain_messages(history)[-1]["content"]
+        tracer = self.core.open(model, "llama-cpp", ignore_memory)
+        first = tracer.encode(prompt)[start]
+        return prompt[: len(prompt) - len(reply)], shown_token(tracer.piece(first).decode("utf-8", "replace"))
+
+    def attribute_reply_steps(self, history, model, system, ignore_memory=False,
+                              progress=gr.Progress(track_tqdm=True)):
+        """What "Attribute this reply" runs: the Attribution tab opens with its inputs set to the reply
+        (the conversation before it, its first token as the target, no contrast, the last position,
+        llama.cpp), then attributes them as its Attribute button would."""
+        view = self.attribution
+        try:
+            prompt, target = self.reply_as_attribution_input(history, model, system, ignore_memory)
+        except Exception as exc:
+            yield (gr.update(),) * 6 + (problem_markdown(message_of(exc, "attribute_reply"), "Not attributed."),) \
+                + (gr.update(),) * len(view.STEP_OUTPUTS)
+            return
+        head = (gr.update(selected=view.id), prompt, target, "", -1, "llama-cpp", "")
+        for step in view.attribute_steps(prompt, target, "", -1, model, "llama-cpp", ignore_memory, progress):
+            yield head + step
+
+    @user_errors
+    def attribute_reply(self, history, model, system, ignore_memory=False, progress=gr.Progress(track_tqdm=True)):
+        """The last reply's first token attributed on the same GGUF through llama.cpp (the
+        "attribute_reply" API): the Attribution tab, its prompt, target, contrast, position and
+        runtime, and its outputs (as the "attribute" API's)."""
+        prompt, target = self.reply_as_attribution_input(history, model, system, ignore_memory)
+        outputs = self.attribution.attribute(prompt, target, "", -1, model, "llama-cpp", ignore_memory, progress)
+        return (gr.update(selected=self.attribution.id), prompt, target, "", -1, "llama-cpp", *outputs)
+
     def trace_reply_steps(self, history, model, system, top_k, temperature, metric, ignore_memory=False,
                           progress=gr.Progress(track_tqdm=True)):
         """What "Trace this reply" runs: the Lens tab opens with its inputs set to the reply (prompt,
@@ -203,6 +243,8 @@ class ChatView:
                 self.status = gr.Markdown(elem_id="chat-status")
                 with gr.Row():
                     self.trace_button = gr.Button("Trace this reply in the Lens →", elem_id="chat-trace")
+                    self.attribute_button = gr.Button("Attribute this reply →", elem_id="chat-attribute",
+                                                      visible=self.attribution is not None)
                     self.clear = gr.Button("Clear", elem_id="chat-clear")
             with gr.Column(scale=1, min_width=280):
                 with gr.Accordion("What am I looking at?", open=False, elem_id="chat-help"):
@@ -218,6 +260,7 @@ class ChatView:
                 self.seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
                 self.api_only = gr.Button("chat", visible=False)
                 self.api_trace = gr.Button("trace_reply", visible=False)
+                self.api_attribute = gr.Button("attribute_reply", visible=False)
 
     def connect(self, page: Page) -> None:
         s = self.core.settings
@@ -241,6 +284,16 @@ class ChatView:
                                 show_progress_on=[lens.heatmap], **page.heavy)
         lens_api = head[:-1] + lens.api_outputs
         self.api_trace.click(self.trace_reply, trace_inputs, lens_api, api_name="trace_reply", **page.heavy)
+
+        view = self.attribution
+        if view is None:
+            return
+        reply_inputs = [self.chatbot, page.model, self.system, page.ignore_memory]
+        head = [page.tabs, view.prompt, view.target, view.contrast, view.position, view.backend]
+        self.attribute_button.click(self.attribute_reply_steps, reply_inputs, head + [self.status] + view.outputs,
+                                    api_visibility="private", show_progress_on=[view.bars], **page.heavy)
+        self.api_attribute.click(self.attribute_reply, reply_inputs, head + view.api_outputs,
+                                 api_name="attribute_reply", **page.heavy)
 
 
 def _facts_markdown(facts) -> str:
