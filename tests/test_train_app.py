@@ -28,6 +28,8 @@ from ui.core import merged
 TRAIN_OUT = ("message", "summary", "chart", "backend", "backend_note", "lens_kind", "lens_kind_note")
 LENS_OUT = ("traced", "heatmap", "chart", "position", "table", "summary", "json", "csv", "results", "message")
 TINY_PROMPT = "w5 w6 w7 w8"
+# A tuned lens trained from SmolLM2's GGUF in seconds: one step of 8 tokens, one held-out row.
+GGUF_TINY, GGUF_TEXT = dict(steps=1, tokens_per_step=8, seq_len=8), TEXT[:400]
 SMALL = {"tuned": dict(steps=3, tokens_per_step=64, seq_len=32), "jacobian": dict(chunks=2, seq_len=24, skip_first=2)}
 
 
@@ -190,9 +192,9 @@ def test_on_a_public_link_training_is_hidden_and_refused(tiny):
 def test_a_tuned_lens_trained_from_the_gguf_alone_becomes_the_lens_on_llama_cpp(app, lenses):
     kinds, note = app.lens_tab.lens_kinds(DEFAULT_MODEL_NAME, "tuned")
     assert usable(kinds) == {"logit"} and kinds["value"] == "logit" and "Train a learned lens" in note
-    app.lens_tab.train.fit_options["tuned"] = dict(steps=1, tokens_per_step=16, seq_len=16)
+    app.lens_tab.train.fit_options["tuned"] = dict(GGUF_TINY)
     try:
-        out = trained(app, "tuned", "llama-cpp", "pasted", TEXT[:800], None, DEFAULT_MODEL_NAME, "llama-cpp", "logit")
+        out = trained(app, "tuned", "llama-cpp", "pasted", GGUF_TEXT, None, DEFAULT_MODEL_NAME, "llama-cpp", "logit")
     finally:
         app.lens_tab.train.fit_options["tuned"] = dict(SMALL["tuned"])
     assert out["message"].startswith("✅ Saved the tuned lens"), out["message"]
@@ -203,6 +205,20 @@ def test_a_tuned_lens_trained_from_the_gguf_alone_becomes_the_lens_on_llama_cpp(
     traced = app.lens_tab.lens("The capital of Germany is", DEFAULT_MODEL_NAME, "llama-cpp", 5, 1.0, "", "entropy",
                                lens_kind="tuned")[0]
     assert traced.result.lens == ["tuned"] * 30 + ["output"]
+
+
+def test_the_default_text_is_sampled_from_the_model_and_stop_ends_it(app, lenses):
+    view = app.lens_tab.train
+    progress = Progress(on_call=lambda fraction: fraction and view.stop(None))  # Stop after the first completion
+    view.fit_options["tuned"] = dict(GGUF_TINY)  # ~30 tokens to sample
+    try:
+        out = trained(app, "tuned", "llama-cpp", "sampled", "", None, DEFAULT_MODEL_NAME, "llama-cpp",
+                      progress=progress)
+    finally:
+        view.fit_options["tuned"] = dict(SMALL["tuned"])
+    assert out["message"].startswith("⚠️ **Stopped.**") and "nothing was saved" in out["message"], out["message"]
+    assert [d for f, d in progress.calls if f] == ["sampling text from the model"]  # llama.cpp writes the text
+    assert trained_lens_dir(DEFAULT_MODEL_NAME) is None and usable(out["lens_kind"]) == {"logit"}
 
 
 @pytest.fixture
@@ -267,7 +283,8 @@ def test_a_visitor_trains_a_lens_on_the_gguf_and_reads_it(smollm2, demo_server, 
     from tests.test_browser import FLAGS, wait_for_text
 
     url, app = demo_server
-    app.lens_tab.train.fit_options["tuned"] = dict(steps=1, tokens_per_step=16, seq_len=16)
+    options = app.lens_tab.train.fit_options
+    options["tuned"] = dict(steps=50, tokens_per_step=1024, seq_len=256)  # minutes of text to sample: Stop ends it
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -281,13 +298,19 @@ def test_a_visitor_trains_a_lens_on_the_gguf_and_reads_it(smollm2, demo_server, 
         assert "Train a learned lens" in wait_for_text(page, "#lens-kind-note", "tuned|Jacobian")
         page.locator("#train-panel > button, #train-panel .label-wrap").first.click()  # open the accordion
         page.get_by_text("from the GGUF alone (llama.cpp)", exact=True).click()
+        page.locator("#train-run").click()  # on text sampled from the model (the default)
+        page.locator("#train-message .progress-text:visible, #train-message .meta-text:visible"
+                     ).first.wait_for(timeout=SLOW)  # the progress bar moves while it samples
+        page.locator("#train-stop").click()
+        assert "nothing was saved" in wait_for_text(page, "#train-message", "Stopped")
+        options["tuned"] = dict(GGUF_TINY)
         page.get_by_text("Pasted text", exact=True).click()
         page.locator("#train-text textarea").wait_for(state="visible")
         page.locator("#train-run").click()  # nothing pasted yet: a message, and the inputs stay
         assert "pasted text is empty" in wait_for_text(page, "#train-message", "Not trained")
-        page.locator("#train-text textarea").fill(TEXT[:800])
+        page.locator("#train-text textarea").fill(GGUF_TEXT)
         page.locator("#train-run").click()
-        page.locator("#train-message .progress-text, #train-message .eta-bar, #train-message .meta-text"
+        page.locator("#train-message .progress-text:visible, #train-message .meta-text:visible"
                      ).first.wait_for(timeout=SLOW)  # the progress bar, while it trains
         assert "Saved the tuned lens" in wait_for_text(page, "#train-message", "Saved", timeout=SLOW)
         page.wait_for_function("() => document.querySelectorAll('#train-chart .scatterlayer .trace').length == 2",

@@ -33,6 +33,9 @@ It takes minutes; traces wait until it ends. The lens is saved for this model an
 backend switch (and as the **Lens** on llama.cpp) right away."""
 
 
+READY = "Press **Train**: its progress shows here; when it ends, the held-out KL per layer, before and after."
+
+
 class TrainPanel:
     """Train, Stop, and the before/after KL; `train` is what the button runs (callable in-process)."""
 
@@ -179,7 +182,7 @@ class TrainPanel:
             with gr.Row():
                 self.train_button = gr.Button("Train", elem_id="train-run")
                 self.stop_button = gr.Button("Stop", elem_id="train-stop")
-            self.message = gr.Markdown(elem_id="train-message")
+            self.message = gr.Markdown(READY, elem_id="train-message")
             self.summary = gr.Markdown(elem_id="train-summary")
             self.chart = gr.Plot(show_label=False, elem_id="train-chart")
 
