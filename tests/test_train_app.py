@@ -266,6 +266,13 @@ def test_the_lens_on_the_gguf_is_logit_tuned_or_jacobian(app, lenses, request):
     assert app.tracer_options(DEFAULT_MODEL_NAME, "hooks", lens_kind="tuned") == {}
     shown = view.options_shown("llama-cpp")
     assert shown[0]["visible"] and not shown[1]["visible"]
+    # Chat's "Trace this reply" reads the reply with the lens the Lens tab shows (what Trace would use).
+    history = [{"role": "user", "content": "What is the capital of Germany?"},
+               {"role": "assistant", "content": "The capital of Germany is Berlin."}]
+    step = merged(app.chat_tab.trace_reply_steps(history, DEFAULT_MODEL_NAME, "", 5, 1.0, "entropy", False, "tuned"))
+    head, out = step[:6], dict(zip(LENS_OUT, step[6:]))
+    assert head[3] == "llama-cpp" and not (out["message"] or "").startswith("⚠️"), out["message"]
+    assert out["traced"].result.lens[1:-1] == ["tuned"] * 29
 
 
 # ---------------------------------------------------------------- one visit in a real browser

@@ -203,9 +203,10 @@ class ChatView:
         return (gr.update(selected=self.attribution.id), prompt, target, "", -1, "llama-cpp", *outputs)
 
     def trace_reply_steps(self, history, model, system, top_k, temperature, metric, ignore_memory=False,
-                          progress=gr.Progress(track_tqdm=True)):
+                          lens_kind="logit", progress=gr.Progress(track_tqdm=True)):
         """What "Trace this reply" runs: the Lens tab opens with its inputs set to the reply (prompt,
-        no target, llama.cpp, trace from the reply's first token), then traces them as Trace would."""
+        no target, llama.cpp, trace from the reply's first token), then traces them as Trace would,
+        with the lens the tab's "Lens (on the GGUF)" shows (`lens_kind`: logit, tuned or jacobian)."""
         lens = self.lens
         try:
             prompt, start = self.reply_as_lens_input(history, model, system, ignore_memory)
@@ -215,7 +216,7 @@ class ChatView:
             return
         head = (gr.update(selected=lens.id), prompt, "", "llama-cpp", start, "")
         for step in lens.lens_steps(prompt, model, "llama-cpp", top_k, temperature, "", metric, start, ignore_memory,
-                                    progress):
+                                    progress, lens_kind or "logit"):
             yield head + step
 
     @user_errors
@@ -280,7 +281,9 @@ class ChatView:
         trace_inputs = [self.chatbot, page.model, self.system, lens.top_k, lens.temperature, lens.metric,
                         page.ignore_memory]
         head = [page.tabs, lens.prompt, lens.target, lens.backend, lens.first_position, self.status]
-        self.trace_button.click(self.trace_reply_steps, trace_inputs, head + lens.outputs, api_visibility="private",
+        # The button traces with the lens the Lens tab shows for llama.cpp (the API: the logit lens).
+        self.trace_button.click(self.trace_reply_steps, trace_inputs + [lens.lens_kind], head + lens.outputs,
+                                api_visibility="private",
                                 show_progress_on=[lens.heatmap], **page.heavy)
         lens_api = head[:-1] + lens.api_outputs
         self.api_trace.click(self.trace_reply, trace_inputs, lens_api, api_name="trace_reply", **page.heavy)
