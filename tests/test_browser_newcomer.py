@@ -1,9 +1,12 @@
 """The app as a newcomer meets it, in headless Chromium: they type, click and read what is on the screen.
 
 One server for the module, launched as `demo.py` launches it on 127.0.0.1 (typed paths and hub ids
-welcome). Each test opens a fresh page at 1400 x 1000, a laptop's window. After every kind of
-mistake the message stays in the page beside what caused it, nothing on the page belongs to other
-inputs, the inputs stay editable, and the next valid action works.
+welcome), and one page at 1400 x 1000, a laptop's window, that the tests use in turn as a visitor
+would (a page load costs seconds on a busy machine). Each test starts from what it needs: a fresh
+page, or what the test before it left, goes back to the Lens tab or types its own inputs; after a
+failed test the next one gets a freshly loaded page. After every kind of mistake the message stays
+in the page beside what caused it, nothing on the page belongs to other inputs, the inputs stay
+editable, and the next valid action works.
 """
 
 from __future__ import annotations
@@ -44,18 +47,45 @@ def browser():
         browser.close()
 
 
+class Visit:
+    """The module's one page, and the errors the browser logged on it."""
+
+    def __init__(self, browser, url: str):
+        self.url, self.errors = url, []
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}") if m.type == "error"
+                     else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.open()
+
+    def open(self) -> None:
+        self.page.goto(self.url)
+        self.page.wait_for_selector("#lens-trace", timeout=SLOW)
+
+
+@pytest.fixture(scope="module")
+def visit(browser, server):
+    visit = Visit(browser, server[0])
+    yield visit
+    visit.page.close()
+
+
 @pytest.fixture
-def page(browser, server):
-    """A fresh page, opened as a visitor opens it; fails the test if the browser logs any error."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-    page.goto(server[0])
-    page.wait_for_selector("#lens-trace", timeout=SLOW)
-    yield page
-    page.close()
-    assert errors == []
+def page(visit, request):
+    """The module's page, opened afresh after a failed test; fails the test if the browser logs any error."""
+    failed = request.session.testsfailed
+    if failed != getattr(visit, "failed", failed):
+        visit.open()
+    visit.errors.clear()
+    yield visit.page
+    visit.failed = request.session.testsfailed
+    assert visit.errors == []
+
+
+def lens_tab(page) -> str:
+    """The Lens tab, its result shown (the page's first one on a fresh page); its summary."""
+    page.get_by_role("tab", name="Lens").click()
+    return wait_for_summary(page, "predicts")
 
 
 def type_in(page, box: str, text: str) -> None:
@@ -106,6 +136,7 @@ def assert_recovers(page) -> None:
 
 
 def test_the_first_page_shows_a_finished_result_with_the_button_in_view(page):
+    # (The first test on the module's page: what a visitor sees on arriving.)
     text = wait_for_summary(page, "predicts ␣Berlin")
     assert "Target ␣Berlin: first becomes top-1 at layer 30" in text
     page.locator("#lens-heatmap .heatmap-label").first.wait_for()
@@ -120,9 +151,18 @@ def test_the_first_page_shows_a_finished_result_with_the_button_in_view(page):
     assert "tuned lens" in page.inner_text("#lens-help").lower()
     note = page.inner_text("#lens-heatmap-note")
     assert "embeddings" in note and "nats" in note and "␣" in note
-    for tab, help_id in (("Chat", "#chat-help"), ("Compare", "#compare-help"), ("Patch", "#patch-help")):
+    for tab, help_id in (("Chat", "#chat-help"), ("Compare", "#compare-help"), ("Patch", "#patch-help"),
+                         ("Steer", "#steer-help"), ("Attribution", "#attribution-help")):
         page.get_by_role("tab", name=tab).click()
         assert page.locator(help_id).get_by_text("What am I looking at?").is_visible()
+    # One model picker, above the tabs, for every tab.
+    assert page.locator("#model").count() == 1
+    page.get_by_role("tab", name="Chat").click()
+    wait_for_text(page, "#chat-facts", "30 layers")
+    assert page.locator("#model").is_visible()
+    # A message with nothing to say takes no room.
+    for empty in ("#chat-status", "#lens-message"):
+        assert page.locator(empty).evaluate("e => getComputedStyle(e).display") == "none", empty
 
 
 def test_a_cold_start_says_what_it_is_doing(server):
@@ -136,10 +176,50 @@ def test_a_cold_start_says_what_it_is_doing(server):
     assert fresh.loading_note(DEFAULT_MODEL_NAME, "hooks") is None
 
 
+def test_small_numbers_and_units_read_well(page):
+    lens_tab(page)
+    wait_for_summary(page, "predicts ␣Berlin")
+    hover = hover_cell(page, 0, 4, N_ROWS, N_COLS)  # the embeddings row: the target is nowhere near
+    assert "target ␣Berlin: <0.01%" in hover and "nats" in hover and "e-" not in hover
+    page.mouse.move(5, 5)
+    assert "<0.01%" in page.inner_text("#lens-table")
+
+
 # ---------------------------------------------------------------- targets and tokens
 
 
+def test_clicking_a_top_k_entry_or_a_cell_picks_it(page):
+    lens_tab(page)
+    wait_for_summary(page, "Target ␣Berlin: first becomes top-1")
+    page.locator("#lens-table").scroll_into_view_if_needed()
+    page.locator("#lens-table .body-cell", has_text="Hamburg").first.click()
+    wait_for_summary(page, "Target ␣Hamburg")
+    assert page.input_value("#lens-target textarea") == "␣Hamburg"
+    # A heatmap cell: its position goes to the chart and the table, its guess can be followed.
+    page.mouse.click(*cell_center(page, 28, 2, N_ROWS, N_COLS))
+    wait_for_value(page, "#lens-position input", "2: ␣of")
+    follow = page.locator("#lens-follow")
+    follow.wait_for(timeout=30_000)
+    assert follow.inner_text().startswith("Follow ␣the (layer 28")
+    wait_for_summary(page, "After ␣of the model predicts")
+    follow.click()
+    wait_for_summary(page, "Target ␣the")
+
+
+def test_a_target_in_pieces_gets_a_useful_suggestion(page):
+    lens_tab(page)
+    type_in(page, "#lens-prompt", "The capital of Germany is")
+    type_in(page, "#lens-target", "Berlinxyz")
+    trace(page)
+    text = message(page, "Not traced")
+    assert "3 tokens" in text and "first piece, ' Berlin'" in text
+    assert_nothing_stale(page)
+    page.get_by_role("button", name="Follow ␣Berlin instead").click()
+    wait_for_summary(page, "Target ␣Berlin: first becomes top-1")
+
+
 def test_the_leading_space_is_visible_and_the_likelier_spelling_is_offered(page):
+    lens_tab(page)
     wait_for_summary(page, "predicts ␣Berlin")
     assert page.input_value("#lens-target textarea") == "␣Berlin"
     assert "␣Paris" in page.inner_text("#tab-lens")  # the examples show it too
@@ -159,50 +239,14 @@ def test_the_leading_space_is_visible_and_the_likelier_spelling_is_offered(page)
     assert "predicts ␣Paris" in text
 
 
-def test_a_target_in_pieces_gets_a_useful_suggestion(page):
-    wait_for_summary(page, "predicts ␣Berlin")
-    type_in(page, "#lens-target", "Berlinxyz")
-    trace(page)
-    text = message(page, "Not traced")
-    assert "3 tokens" in text and "first piece, ' Berlin'" in text
-    assert_nothing_stale(page)
-    page.get_by_role("button", name="Follow ␣Berlin instead").click()
-    wait_for_summary(page, "Target ␣Berlin: first becomes top-1")
-
-
-def test_clicking_a_top_k_entry_or_a_cell_picks_it(page):
-    wait_for_summary(page, "predicts ␣Berlin")
-    page.locator("#lens-table").scroll_into_view_if_needed()
-    page.locator("#lens-table .body-cell", has_text="Hamburg").first.click()
-    wait_for_summary(page, "Target ␣Hamburg")
-    assert page.input_value("#lens-target textarea") == "␣Hamburg"
-    # A heatmap cell: its position goes to the chart and the table, its guess can be followed.
-    page.mouse.click(*cell_center(page, 28, 2, N_ROWS, N_COLS))
-    wait_for_value(page, "#lens-position input", "2: ␣of")
-    follow = page.locator("#lens-follow")
-    follow.wait_for(timeout=30_000)
-    assert follow.inner_text().startswith("Follow ␣the (layer 28")
-    wait_for_summary(page, "After ␣of the model predicts")
-    follow.click()
-    wait_for_summary(page, "Target ␣the")
-
-
-def test_small_numbers_and_units_read_well(page):
-    wait_for_summary(page, "predicts ␣Berlin")
-    hover = hover_cell(page, 0, 4, N_ROWS, N_COLS)  # the embeddings row: the target is nowhere near
-    assert "target ␣Berlin: <0.01%" in hover and "nats" in hover and "e-" not in hover
-    page.mouse.move(5, 5)
-    assert "<0.01%" in page.inner_text("#lens-table")
-
-
 # ---------------------------------------------------------------- every kind of mistake
 
 
 def test_mistakes_are_messages_in_the_page_and_the_next_try_works(page):
-    wait_for_summary(page, "predicts ␣Berlin")
+    lens_tab(page)
     mistakes = [
         (lambda: type_in(page, "#lens-prompt", ""), "The prompt is empty"),
-        (lambda: type_in(page, "#lens-target", "Berlin"), "' Berlin' is one token"),
+        (lambda: type_in(page, "#lens-target", "Berlin"), "' Berlin' is one token: use that"),
         (lambda: type_in(page, "#lens-prompt", "word " * 1100), r"1,101 tokens; this app traces at most 1,024"),
     ]
     for make, expected in mistakes:
@@ -215,7 +259,7 @@ def test_mistakes_are_messages_in_the_page_and_the_next_try_works(page):
 
 
 def test_a_typed_model_that_is_not_there_is_one_sentence_and_the_listed_one_still_works(page):
-    wait_for_summary(page, "predicts ␣Berlin")
+    lens_tab(page)
     picker = page.locator("#model input")
     picker.fill("/nowhere/model.gguf")
     picker.press("Enter")
@@ -231,34 +275,56 @@ def test_a_typed_model_that_is_not_there_is_one_sentence_and_the_listed_one_stil
     assert_recovers(page)
 
 
-def test_limits_are_shown_and_a_clamped_value_says_so(page):
-    wait_for_summary(page, "predicts ␣Berlin")
-    assert "Up to 1,024 tokens" in page.inner_text("#lens-prompt")
-    top_k = page.locator("#lens-top-k input[type=number]")
-    top_k.fill("1000")
-    top_k.press("Tab")
-    assert "1000 is outside 1–20: using 20" in wait_for_text(page, "#lens-top-k", "outside")
-    assert top_k.input_value() == "20"
-    temperature = page.locator("#lens-temperature input[type=number]")
-    temperature.fill("0")
-    temperature.press("Tab")
-    wait_for_text(page, "#lens-temperature", "0 is outside 0.1–3: using 0.1")
-    trace(page)
-    text = wait_for_summary(page, "temperature 0.1")
-    assert "sharper than the model's own" in text
+# ---------------------------------------------------------------- the tabs together
 
 
-# ---------------------------------------------------------------- charts
+def test_a_lens_cell_leads_to_patching_that_position(page):
+    lens_tab(page)
+    wait_for_summary(page, "Target ␣Berlin: first becomes top-1")
+    page.mouse.click(*cell_center(page, 12, 3, N_ROWS, N_COLS))
+    wait_for_value(page, "#lens-position input", "3: ␣Germany")
+    page.locator("#lens-to-patch").click()
+    text = message(page, "Set up from the Lens tab", "#patch-message")
+    assert "change ␣Germany (position 3)" in text
+    assert page.get_by_role("tab", name="Patch").get_attribute("aria-selected") == "true"
+    assert page.input_value("#patch-clean textarea") == "The capital of Germany is"
+    type_in(page, "#patch-corrupt", "The capital of France is")
+    type_in(page, "#patch-contrast", "␣Paris")
+    page.locator("#patch-run").click()
+    wait_for_text(page, "#patch-summary", "corrupted answers ␣Paris")
+    # A patching mistake is a message there too, and the inputs stay.
+    type_in(page, "#patch-corrupt", "The capital of the UK is")
+    page.locator("#patch-run").click()
+    assert "same number of tokens" in message(page, "Not patched", "#patch-message")
+    assert not page.locator("#patch-heatmap").is_visible()
+    assert page.input_value("#patch-corrupt textarea") == "The capital of the UK is"
+
+
+@pytest.mark.skipif("llama-cpp" not in BACKENDS, reason="llama.cpp is not installed")
+def test_compare_defaults_to_a_pair_that_can_differ_and_outlines_differences(page):
+    page.get_by_role("tab", name="Compare").click()
+    assert page.locator("#compare-backend-a input[value='hooks']").is_checked()
+    assert page.locator("#compare-backend-b input[value='llama-cpp']").is_checked()
+    page.locator("#compare-run").click()
+    text = wait_for_text(page, "#compare-summary", r"predict the same top-1 token in")
+    found = re.search(r"in (\d+) of 155 cells", text)
+    assert found and int(found[1]) < 155 and "outlined in red" in text
+    outlines = page.locator("#compare-map-a .scatterlayer .point")
+    outlines.first.wait_for(timeout=30_000)
+    assert outlines.count() == 155 - int(found[1])
+
+
+# ---------------------------------------------------------------- charts and limits
 
 
 def test_charts_stay_readable(page):
-    wait_for_summary(page, "predicts ␣Berlin")
+    lens_tab(page)
     # The rank axis is labelled at powers of ten only.
     page.locator("#lens-chart .scatterlayer").first.wait_for()
     ticks = page.locator("#lens-chart .y2tick text").all_text_contents()
     assert ticks and all(t in ("1", "10", "100", "1k", "10k", "100k") for t in ticks), ticks
     # KL: the layers' colours are not squeezed by the embeddings row.
-    page.get_by_text("KL to final", exact=True).click()
+    page.locator("#lens-metric").get_by_text("KL to final", exact=True).click()
     page.wait_for_function("() => /embeddings row: up to/.test(document.querySelector('#lens-heatmap .cbtitle')"
                            "?.textContent || '')", timeout=30_000)
     wait_for_text(page, "#lens-metric-note", "in nats")
@@ -278,33 +344,28 @@ def test_charts_stay_readable(page):
     assert viewport.evaluate("v => v.scrollWidth <= v.clientWidth + 1")
 
 
-# ---------------------------------------------------------------- the tabs together
+def test_limits_are_shown_and_a_clamped_value_says_so(page):
+    lens_tab(page)
+    assert "Up to 1,024 tokens" in page.inner_text("#lens-prompt")
+    top_k = page.locator("#lens-top-k input[type=number]")
+    top_k.fill("1000")
+    top_k.press("Tab")
+    assert "1000 is outside 1–20: using 20" in wait_for_text(page, "#lens-top-k", "outside")
+    assert top_k.input_value() == "20"
+    temperature = page.locator("#lens-temperature input[type=number]")
+    temperature.fill("0")
+    temperature.press("Tab")
+    wait_for_text(page, "#lens-temperature", "0 is outside 0.1–3: using 0.1")
+    trace(page)
+    text = wait_for_summary(page, "temperature 0.1")
+    assert "sharper than the model's own" in text
 
 
-def test_one_model_picker_for_every_tab(page):
-    wait_for_summary(page, "predicts ␣Berlin")
-    assert page.locator("#model").count() == 1
-    page.get_by_role("tab", name="Chat").click()
-    wait_for_text(page, "#chat-facts", "30 layers")
-    assert page.locator("#model").is_visible()  # the same picker, above the tabs
-
-
-@pytest.mark.skipif("llama-cpp" not in BACKENDS, reason="llama.cpp is not installed")
-def test_compare_defaults_to_a_pair_that_can_differ_and_outlines_differences(page):
-    page.get_by_role("tab", name="Compare").click()
-    assert page.locator("#compare-backend-a input[value='hooks']").is_checked()
-    assert page.locator("#compare-backend-b input[value='llama-cpp']").is_checked()
-    page.locator("#compare-run").click()
-    text = wait_for_text(page, "#compare-summary", r"predict the same top-1 token in")
-    found = re.search(r"in (\d+) of 155 cells", text)
-    assert found and int(found[1]) < 155 and "outlined in red" in text
-    outlines = page.locator("#compare-map-a .scatterlayer .point")
-    outlines.first.wait_for(timeout=30_000)
-    assert outlines.count() == 155 - int(found[1])
+# ---------------------------------------------------------------- chat
 
 
 @pytest.mark.skipif("llama-cpp" not in BACKENDS, reason="llama.cpp is not installed")
-def test_chat_says_when_a_reply_was_cut_or_stopped_and_its_lens_is_reproducible(page):
+def test_chat_streams_says_when_a_reply_was_cut_or_stopped_and_links_to_its_lens_and_attribution(page):
     page.get_by_role("tab", name="Chat").click()
     page.locator("#chat-send").click()  # nothing typed yet
     message(page, "Type a message first", "#chat-status")
@@ -314,16 +375,20 @@ def test_chat_says_when_a_reply_was_cut_or_stopped_and_its_lens_is_reproducible(
     page.locator("#chat-message textarea").fill("Tell me about Berlin in three sentences.")
     page.locator("#chat-send").click()
     history = wait_for_text(page, "#chat-history", "Cut off at 8 new tokens")
-    assert "Max new tokens" in history
+    assert "Max new tokens" in history and "Tell me about Berlin" in history
     assert page.inner_text("#chat-status").strip() == ""
-    # Its lens: the Lens tab's inputs say exactly what was traced; Trace gives the same again.
+    assert page.input_value("#chat-message textarea") == ""  # sent, so the box is cleared
+    # Its lens: the Lens tab opens with inputs that say exactly what was traced (the conversation as the
+    # model read it, from the reply's first token, on the GGUF through llama.cpp); Trace gives the same again.
     page.locator("#chat-trace").click()
     first = wait_for_summary(page, "backend llama-cpp")
+    assert page.get_by_role("tab", name="Lens").get_attribute("aria-selected") == "true"
     prompt = page.input_value("#lens-prompt textarea")
     assert prompt.startswith("<|im_start|>") and "Tell me about Berlin" in prompt
     start = int(page.input_value("#lens-first-position input"))
-    assert f"(from token {start})" in first
+    assert start > 0 and re.search(rf"\d+ traced \(from token {start}\)", first)
     assert page.locator("#lens-backend input[value='llama-cpp']").is_checked()
+    page.locator("#lens-heatmap .hm image").first.wait_for()
     # (The same heatmap is not drawn again: Gradio leaves an unchanged figure alone. Each trace writes
     # new downloads, so the JSON link changes; both files hold the result.)
     shown = downloaded_result(page)
@@ -333,35 +398,30 @@ def test_chat_says_when_a_reply_was_cut_or_stopped_and_its_lens_is_reproducible(
     again = downloaded_result(page)
     assert again["positions"] == shown["positions"] and again["topk"] == shown["topk"]
     assert wait_for_summary(page, "backend llama-cpp").split("Traced in")[0] == first.split("Traced in")[0]
-    # Stop: said in the conversation too.
+    # Its attribution: the Attribution tab opens on the conversation up to the reply, the reply's first
+    # token as the target, on llama.cpp, attributed.
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-attribute").click()
+    summary = wait_for_text(page, "#attribution-summary", "the logit of")
+    assert page.get_by_role("tab", name="Attribution").get_attribute("aria-selected") == "true"
+    context = page.input_value("#attribution-prompt textarea")
+    assert prompt.startswith(context) and context.rstrip().endswith("<|im_start|>assistant")
+    target = page.input_value("#attribution-target textarea")
+    assert target and f"the logit of {target} is" in summary and "llama.cpp" in summary
+    assert page.locator("#attribution-backend input[value='llama-cpp']").is_checked()
+    # Stop, while a long answer streams in (it grows in several steps): said in the conversation too.
     page.get_by_role("tab", name="Chat").click()
     max_tokens.fill("400")
     max_tokens.press("Tab")
     page.locator("#chat-message textarea").fill("Write a long story about a dragon.")
+    page.evaluate("window.__lengths = []")
     page.locator("#chat-send").click()
+    # The story has begun (its length noted at each look, to see it grow in steps); then Stop at once.
     page.wait_for_function("""q => { const t = document.querySelector('#chat-history').innerText;
-                                     const i = t.lastIndexOf(q); return i >= 0 && t.length - i > q.length + 40; }""",
-                           arg="Write a long story about a dragon.", timeout=SLOW)  # the story has begun
+                                     const i = t.lastIndexOf(q), n = i < 0 ? 0 : t.length - i - q.length;
+                                     window.__lengths.push(n); return n > 40; }""",
+                           arg="Write a long story about a dragon.", timeout=SLOW)
     page.locator("#chat-stop").dispatch_event("click")  # (the streaming chat scrolls itself: no waiting for it)
     wait_for_text(page, "#chat-history", "Stopped: the reply above")
-
-
-def test_a_lens_cell_leads_to_patching_that_position(page):
-    wait_for_summary(page, "predicts ␣Berlin")
-    page.mouse.click(*cell_center(page, 12, 3, N_ROWS, N_COLS))
-    wait_for_value(page, "#lens-position input", "3: ␣Germany")
-    page.locator("#lens-to-patch").click()
-    text = message(page, "Set up from the Lens tab", "#patch-message")
-    assert "change ␣Germany (position 3)" in text
-    assert page.get_by_role("tab", name="Patch").get_attribute("aria-selected") == "true"
-    assert page.input_value("#patch-clean textarea") == "The capital of Germany is"
-    type_in(page, "#patch-corrupt", "The capital of France is")
-    type_in(page, "#patch-contrast", "␣Paris")
-    page.locator("#patch-run").click()
-    wait_for_text(page, "#patch-summary", "corrupted answers ␣Paris")
-    # A patching mistake is a message there too, and the inputs stay.
-    type_in(page, "#patch-corrupt", "The capital of the UK is")
-    page.locator("#patch-run").click()
-    assert "same number of tokens" in message(page, "Not patched", "#patch-message")
-    assert not page.locator("#patch-heatmap").is_visible()
-    assert page.input_value("#patch-corrupt textarea") == "The capital of the UK is"
+    growing = sorted({n for n in page.evaluate("window.__lengths") if n > 0})
+    assert len(growing) >= 3, growing  # the answer appeared in several steps, not at once
