@@ -101,7 +101,10 @@ def test_a_tuned_lens_trained_from_pasted_text_is_offered_at_once(app, tiny, len
     assert "tuned-lens · tuned lens" in out["message"]
     assert_chart_is_the_report(out, 3, "tuned lens")
     fractions = [f for f, _ in progress.calls]
-    assert fractions[0] == 0 and fractions[-1] == 1.0 and fractions == sorted(fractions) and len(fractions) == 4
+    assert fractions[0] == 0 and fractions[-1] == 1.0 and fractions == sorted(fractions) and len(fractions) == 6
+    words = [d for _, d in progress.calls]  # starting, the logit lens measured, 3 steps, the new lens measured
+    assert words[1] == "measuring the logit lens on held-out text" and words[2].startswith("training KL per layer")
+    assert words[-1] == "measuring the trained lens on held-out text"
     assert trained_lens_dir(tiny) == lenses / "tiny-llama"
     # The backend switch now offers it, and a trace reads it (every row but the output translated).
     assert "tuned-lens-tuned" in usable(out["backend"]) and out["backend"]["value"] == "hooks"
@@ -332,3 +335,24 @@ def test_a_visitor_trains_a_lens_on_the_gguf_and_reads_it(smollm2, demo_server, 
                                ".some(t => t.textContent.includes('tuned'))", timeout=SLOW)
         browser.close()
     assert errors == []
+
+
+def test_the_time_left_comes_from_the_pace_of_the_current_phase(monkeypatch):
+    import time as time_module
+
+    from ui.train_view import TimeLeft
+
+    now = [100.0]
+    monkeypatch.setattr(time_module, "monotonic", lambda: now[0])
+    clock = TimeLeft()
+    assert clock.left(0, 8, "measuring the logit lens on held-out text") == ""
+    now[0] += 50
+    assert clock.left(1, 8, "training KL per layer 9.1") == ""  # a new phase: its own clock starts
+    now[0] += 120
+    assert clock.left(2, 8, "training KL per layer 8.7") == " · about 12 min left"  # 6 more steps of 120 s
+    now[0] += 10
+    assert clock.left(3, 8, "training KL per layer 8.2") == " · about 5 min left"  # (130 s / 2 steps) x 5 = 325 s
+    assert clock.left(8, 8, "training KL per layer 7.0") == ""  # done
+    assert clock.left(1024, 4096, "sampling text from the model") == ""
+    now[0] += 20
+    assert clock.left(2048, 4096, "sampling text from the model") == " · about 40 s left"

@@ -124,13 +124,14 @@ def text_for(loaded_or_model, text: str | None, tokens: int, cancel=None, on_ste
     return sample_text(model, tokens=tokens, cancel=cancel, on_step=on_step)
 
 
-def held_out_kl(tracer, sequences) -> list[float]:
+def held_out_kl(tracer, sequences, cancel=None) -> list[float]:
     """Mean KL(model output || lens row) per row but the output, over every position of every
     sequence (token-id lists), through the tracer's own lens (tracing.lens: one KL for all lenses)."""
     from .api import trace_with
 
     total = None
     for ids in sequences:
+        stop_if(cancel, "lens fit")
         result = trace_with(tracer, None, ids=[int(i) for i in ids], top_k=1)
         per_row = result.kl_to_final[:-1].mean(axis=1)
         total = per_row if total is None else total + per_row
@@ -188,7 +189,10 @@ def fit_jacobian_lens(
     data = sequences(loaded, text, seq_len)
     n_held = min(n_held, max(1, len(data) // 10))
     train, held = data[:-n_held][:chunks], data[-n_held:]
+    if on_step is not None:
+        on_step(0, len(train), "preparing the model for TransformerLens")
     bridge = bridge_of(loaded)
+    stop_if(cancel, "Jacobian lens fit")
     corpus = f"lensbench:{loaded.name}:{len(text)} chars"
     parts = []
     bar = tqdm(total=len(train), desc="fitting the Jacobian lens", unit="chunk", disable=not progress, file=sys.stderr)
@@ -212,8 +216,10 @@ def fit_jacobian_lens(
     )
     stop_if(cancel, "Jacobian lens fit")
     held_ids = [row.tolist() for row in held]
-    kl_before = held_out_kl(loaded.adapter("transformer-lens", TransformerLensTracer), held_ids)
-    kl_after = held_out_kl(JacobianLensTracer(loaded, lens), held_ids)
+    if on_step is not None:
+        on_step(len(train), len(train), "measuring both lenses on held-out text")
+    kl_before = held_out_kl(loaded.adapter("transformer-lens", TransformerLensTracer), held_ids, cancel)
+    kl_after = held_out_kl(JacobianLensTracer(loaded, lens), held_ids, cancel)
     lens.metadata.update(lensbench_kl_logit=kl_before, lensbench_kl_jacobian=kl_after)
     out = Path(out).expanduser() if out else default_jacobian_dir(loaded.source)
     stop_if(cancel, "Jacobian lens fit")

@@ -159,7 +159,9 @@ def train_tuned_lens_gguf(
     opt = torch.optim.SGD(params, lr=lr_scale * (1 - momentum), momentum=momentum, nesterov=True, weight_decay=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / steps))
     held_ids = [row.tolist() for row in held]
-    kl_before = held_out_kl(tracer, held_ids)
+    if on_step is not None:
+        on_step(0, steps, "measuring the logit lens on held-out text")
+    kl_before = held_out_kl(tracer, held_ids, cancel)
 
     bar = tqdm(range(steps), desc="training the tuned lens on llama.cpp", unit="step", disable=not progress,
                file=sys.stderr)
@@ -170,6 +172,7 @@ def train_tuned_lens_gguf(
             ids = train[(step * per_step + j) % len(train)].tolist()
             hidden, target = capture(tracer, ids)
             for i in range(tracer.n_blocks):  # one layer at a time: one [T, vocab] graph in memory
+                stop_if(cancel, "tuned lens training")  # a step takes minutes on a big model: stop within a layer
                 h = hidden[i] + layers[i](hidden[i])
                 loss = _kl(target, lens_logits(tracer.head, dequantized, h)) / per_step
                 loss.backward()
@@ -183,7 +186,9 @@ def train_tuned_lens_gguf(
             on_step(step + 1, steps, f"training KL per layer {total / tracer.n_blocks:.2f}")
 
     out = Path(out).expanduser() if out else default_lens_dir(tracer.source)
-    kl_after = held_out_kl(LearnedLensTracer(tracer, as_translators(layers, out), "tuned"), held_ids)
+    if on_step is not None:
+        on_step(steps, steps, "measuring the trained lens on held-out text")
+    kl_after = held_out_kl(LearnedLensTracer(tracer, as_translators(layers, out), "tuned"), held_ids, cancel)
     stop_if(cancel, "tuned lens training")
     with written_atomically(out) as folder:
         save_translators(layers, tracer, folder)

@@ -107,11 +107,15 @@ def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (target_logp.exp() * (target_logp - logq)).sum(-1).mean()
 
 
-def held_out_kl(tracer, lens, batches: list[torch.Tensor], tuned: bool) -> list[float]:
-    """Mean KL(model || lens) per translated row over `batches` (the logit lens when not `tuned`)."""
+def held_out_kl(tracer, lens, batches: list[torch.Tensor], tuned: bool, cancel=None) -> list[float]:
+    """Mean KL(model || lens) per translated row over `batches` (the logit lens when not `tuned`).
+    `cancel` (a threading.Event) stops it between batches with FitStopped."""
+    from .learned_lens import stop_if
+
     sums: list[float] = []
     with torch.no_grad():
         for ids in batches:
+            stop_if(cancel, "tuned lens training")
             rows, target = _rows_and_targets(tracer, ids)
             values = [
                 float(_kl(target, lens(h, i) if tuned else lens.unembed(h))) for i, h in enumerate(rows[:-1])
@@ -165,7 +169,9 @@ def train_lens(
     held_batches = [held[i : i + 1] for i in range(len(held))]
 
     with loaded.lock, frozen(unembed):
-        kl_logit = held_out_kl(tracer, lens, held_batches, tuned=False)
+        if on_step is not None:
+            on_step(0, steps, "measuring the logit lens on held-out text")
+        kl_logit = held_out_kl(tracer, lens, held_batches, tuned=False, cancel=cancel)
         bar = tqdm(range(steps), desc="training the tuned lens", unit="step", disable=not progress, file=sys.stderr)
         for step in bar:
             stop_if(cancel, "tuned lens training")
@@ -174,6 +180,7 @@ def train_lens(
             for ids in batch:
                 rows, target = _rows_and_targets(tracer, ids)
                 for i, h in enumerate(rows[:-1]):  # one layer at a time: one [T, vocab] graph in memory
+                    stop_if(cancel, "tuned lens training")  # a step takes minutes on a CPU: stop within a layer
                     loss = _kl(target, lens(h, i)) / len(batch)
                     loss.backward()
                     total += float(loss.detach())
@@ -185,7 +192,9 @@ def train_lens(
             if on_step is not None:
                 on_step(step + 1, steps, f"training KL per layer {total / len(rows[:-1]):.2f}")
         lens.eval()
-        kl_tuned = held_out_kl(tracer, lens, held_batches, tuned=True)
+        if on_step is not None:
+            on_step(steps, steps, "measuring the trained lens on held-out text")
+        kl_tuned = held_out_kl(tracer, lens, held_batches, tuned=True, cancel=cancel)
 
     stop_if(cancel, "tuned lens training")
     out = Path(out).expanduser() if out else default_lens_dir(loaded.source)

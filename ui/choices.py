@@ -251,7 +251,7 @@ def _tuned_lens_problem(name: str, can_train: bool = True) -> str | None:
     model = "" if name == DEFAULT_MODEL_NAME else f" --model '{name}'"
     command = f"`python -m tracing train-lens{model} --text FILE`"
     if can_train:
-        return (f"no tuned lens trained for this model yet: train one below (**{TRAIN_PANEL}**, a few minutes), "
+        return (f"no tuned lens trained for this model yet: train one below (**{TRAIN_PANEL}**; it takes minutes and shows the time left), "
                 f"or in a terminal: {command}.")
     return f"no tuned lens trained for this model yet (the host trains one: {command})."
 
