@@ -172,6 +172,7 @@ def test_mistakes_are_messages_beside_the_button(app, tiny, lenses, tmp_path):
     assert usable(view.where_choices(tiny, "tuned", "llama-cpp")) == {"hooks"}
     assert view.where_choices(tiny, "tuned", "llama-cpp")["value"] == "hooks"
     assert usable(view.where_choices(DEFAULT_MODEL_NAME, "jacobian")) == {"hooks"}
+    assert "needs gradients through the model" in view.where_choices(DEFAULT_MODEL_NAME, "jacobian")["info"]
     assert usable(view.where_choices(DEFAULT_MODEL_NAME, "tuned", "llama-cpp")) == {"hooks", "llama-cpp"}
 
 

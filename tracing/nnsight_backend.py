@@ -45,8 +45,10 @@ from .loading import LoadedModelTracer, load_model
 
 # Where a key comes from, for the messages (never the key itself).
 KEY_VARIABLE = "NDIF_API_KEY"
-KEY_HELP = ("Get a free key from NDIF (https://ndif.us) and set it in the environment variable "
-            f"{KEY_VARIABLE} (or run: python -c \"import nnsight; nnsight.login()\").")
+KEY_HELP = ("Get a free key from NDIF (https://ndif.us) and set the environment variable "
+            f"{KEY_VARIABLE} to it before starting lensbench (e.g. export {KEY_VARIABLE}=... then make demo), "
+            "or save it once with: .venv/bin/python -c \"import nnsight; nnsight.login()\"; a running app reads "
+            "the key when it starts, so restart it.")
 
 
 def _first_tensor(value):

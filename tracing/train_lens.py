@@ -68,7 +68,7 @@ def sequences(loaded, text: str, seq_len: int) -> torch.Tensor:
     if len(rows) < 2:
         raise BadPrompt(
             f"The text is {len(body)} tokens: too short to train on and hold some out. Give at least "
-            f"{2 * step} tokens (a few pages of text), or a smaller --seq-len."
+            f"{2 * step} tokens (a few pages of text)."
         )
     return torch.tensor(rows)
 

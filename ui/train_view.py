@@ -92,15 +92,17 @@ class TrainPanel:
 
     def where_choices(self, model, kind, where=None):
         """The "Train on" choices for `model` and `kind`, unavailable ones marked; the pick kept if usable."""
-        choices, usable = [], []
+        choices, usable, reasons = [], [], []
         for value, label in WHERE.items():
-            if self.where_problem(model, kind, value):
+            problem = self.where_problem(model, kind, value)
+            if problem:
+                reasons.append(f"{label}: unavailable, {problem}")
                 label += " — unavailable"
             else:
                 usable.append(value)
             choices.append((label, value))
         value = where if where in usable else (usable[0] if usable else "hooks")
-        return gr.update(choices=choices, value=value)
+        return gr.update(choices=choices, value=value, info="  ".join(reasons) or None)
 
     @staticmethod
     def texts_shown(source):
@@ -204,7 +206,7 @@ class TrainPanel:
                                      label="Kind", elem_id="train-kind")
                 self.where = gr.Radio(label="Train on", elem_id="train-where",
                                       **{k: v for k, v in self.where_choices(model, "tuned").items()
-                                         if k in ("choices", "value")})
+                                         if k in ("choices", "value", "info")})
             self.source = gr.Radio([(label, value) for value, label in TEXTS.items()], value="sampled",
                                    label="Training text", elem_id="train-source")
             self.pasted = gr.Textbox(label="Text to train on", lines=5, max_lines=10, visible=False,
