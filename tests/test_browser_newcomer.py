@@ -414,6 +414,7 @@ def test_chat_streams_says_when_a_reply_was_cut_or_stopped_and_links_to_its_lens
     max_tokens.fill("400")
     max_tokens.press("Tab")
     page.locator("#chat-message textarea").fill("Write a long story about a dragon.")
+    page.locator("#chat-seed input").fill("1")  # a story of 400 tokens (a random one may end first)
     page.evaluate("window.__lengths = []")
     page.locator("#chat-send").click()
     # The story has begun (its length noted at each look, to see it grow in steps); then Stop at once.

@@ -258,7 +258,7 @@ class ChatView:
                 self.max_tokens = gr.Slider(1, s.max_new_tokens, value=min(256, s.max_new_tokens), step=1,
                                             label="Max new tokens", info="a longer reply is cut here (it says so)",
                                             elem_id="chat-max-tokens")
-                self.seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+                self.seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="chat-seed")
                 self.api_only = gr.Button("chat", visible=False)
                 self.api_trace = gr.Button("trace_reply", visible=False)
                 self.api_attribute = gr.Button("attribute_reply", visible=False)
