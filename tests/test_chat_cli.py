@@ -71,6 +71,9 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on():
     chat = subprocess.Popen(
         [sys.executable, "-m", "chat", "--max-tokens", "1000", "--temperature", "0"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0,
+        # A shell runs a background job (`make test &`) with SIGINT ignored, and Python then never turns it
+        # into KeyboardInterrupt: the chat gets the default a terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Counting has no natural end: the answer runs to --max-tokens (1000 tokens, 20 s or more here)
