@@ -25,6 +25,7 @@ from playwright import sync_api  # noqa: E402
 
 from tests.test_browser import CHROMIUM, FLAGS, SLOW, cell_center, hover_cell, wait_for_summary, wait_for_text  # noqa: E402
 
+COUNT = "Count from 1 to 5000, one number after another, separated by commas."
 N_ROWS, N_COLS = 31, 5  # the Berlin example on the bundled model: embeddings + 30 layers, 5 tokens
 
 
@@ -415,17 +416,18 @@ def test_chat_streams_says_when_a_reply_was_cut_or_stopped_and_links_to_its_lens
     assert page.locator("#attribution-backend input[value='llama-cpp']").is_checked()
     # Stop, while a long answer streams in (it grows in several steps): said in the conversation too.
     page.get_by_role("tab", name="Chat").click()
-    max_tokens.fill("400")
+    max_tokens.fill("1000")
     max_tokens.press("Tab")
-    page.locator("#chat-message textarea").fill("Write a long story about a dragon.")
-    page.locator("#chat-seed input").fill("1")  # a story of 400 tokens (a random one may end first)
+    # Counting has no natural end (a story, even seeded, sometimes ended before Stop landed).
+    page.locator("#chat-message textarea").fill(COUNT)
+    page.locator("#chat-seed input").fill("1")
     page.evaluate("window.__lengths = []")
     page.locator("#chat-send").click()
     # The story has begun (its length noted at each look, to see it grow in steps); then Stop at once.
     page.wait_for_function("""q => { const t = document.querySelector('#chat-history').innerText;
                                      const i = t.lastIndexOf(q), n = i < 0 ? 0 : t.length - i - q.length;
                                      window.__lengths.push(n); return n > 40; }""",
-                           arg="Write a long story about a dragon.", timeout=SLOW)
+                           arg=COUNT, timeout=SLOW)
     page.locator("#chat-stop").dispatch_event("click")  # (the streaming chat scrolls itself: no waiting for it)
     wait_for_text(page, "#chat-history", "Stopped: the reply above")
     growing = sorted({n for n in page.evaluate("window.__lengths") if n > 0})
