@@ -418,16 +418,28 @@ def test_chat_streams_says_when_a_reply_was_cut_or_stopped_and_links_to_its_lens
     page.get_by_role("tab", name="Chat").click()
     max_tokens.fill("1000")
     max_tokens.press("Tab")
-    # Counting has no natural end (a story, even seeded, sometimes ended before Stop landed).
+    # Counting has no natural end (a story, even seeded, sometimes ended before Stop landed); in a new
+    # conversation, seeded, so the earlier (unseeded) Berlin reply cannot lead it elsewhere.
+    page.locator("#chat-clear").click()
+    page.wait_for_function("() => !document.querySelector('#chat-history').innerText.includes('Tell me about Berlin')",
+                           timeout=SLOW)
+    temperature = page.locator("#chat-temperature input[type=number]")
+    temperature.fill("0")  # the likeliest tokens: the count itself (as the CLI's Ctrl-C test has it)
+    temperature.press("Tab")
     page.locator("#chat-message textarea").fill(COUNT)
     page.locator("#chat-seed input").fill("1")
     page.evaluate("window.__lengths = []")
     page.locator("#chat-send").click()
     # The story has begun (its length noted at each look, to see it grow in steps); then Stop at once.
-    page.wait_for_function("""q => { const t = document.querySelector('#chat-history').innerText;
-                                     const i = t.lastIndexOf(q), n = i < 0 ? 0 : t.length - i - q.length;
-                                     window.__lengths.push(n); return n > 40; }""",
-                           arg=COUNT, timeout=SLOW)
+    try:
+        page.wait_for_function("""q => { const t = document.querySelector('#chat-history').innerText;
+                                         const i = t.lastIndexOf(q), n = i < 0 ? 0 : t.length - i - q.length;
+                                         window.__lengths.push(n); return n > 40; }""",
+                               arg=COUNT, timeout=SLOW)
+    except sync_api.TimeoutError:
+        shown = page.locator("#chat-history").inner_text()[-600:]
+        status = page.locator("#chat-status").inner_text()
+        raise AssertionError(f"the count never streamed; the chat shows {shown!r}, its status {status!r}") from None
     page.locator("#chat-stop").dispatch_event("click")  # (the streaming chat scrolls itself: no waiting for it)
     wait_for_text(page, "#chat-history", "Stopped: the reply above")
     growing = sorted({n for n in page.evaluate("window.__lengths") if n > 0})
