@@ -23,7 +23,7 @@ if not os.path.exists("/usr/bin/chromium") and not os.environ.get("CI"):
     pytest.skip("Debian's chromium is not installed (make chromium)", allow_module_level=True)
 from playwright import sync_api  # noqa: E402
 
-from tests.test_browser import CHROMIUM, FLAGS, SLOW, cell_center, hover_cell, wait_for_summary, wait_for_text  # noqa: E402
+from tests.test_browser import SLOW, browser, cell_center, hover_cell, wait_for_summary, wait_for_text  # noqa: E402
 
 COUNT = "Count from 1 to 5000, one number after another, separated by commas."
 N_ROWS, N_COLS = 31, 5  # the Berlin example on the bundled model: embeddings + 30 layers, 5 tokens
@@ -38,14 +38,6 @@ def server():
                             server_port=free_port(), quiet=True)
     yield url, app
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser
-        browser.close()
 
 
 class Visit:
