@@ -169,6 +169,26 @@ def test_a_cold_start_says_what_it_is_doing(server):
     assert fresh.loading_note(DEFAULT_MODEL_NAME, "hooks") is None
 
 
+def test_a_trace_shows_tracing_over_the_heatmap_until_the_new_one_is_drawn(page):
+    lens_tab(page)
+    # What the heatmap's block looks like from the click on: busy ("Tracing…" over it), then not.
+    page.evaluate("""() => {
+        const block = document.querySelector('#lens-heatmap');
+        window.busyLabels = [];
+        new MutationObserver(() => window.busyLabels.push(block.classList.contains('lb-busy')
+            ? getComputedStyle(block, '::after').content : 'idle')).observe(block, {attributes: true});
+    }""")
+    type_in(page, "#lens-prompt", "The capital of Germany is")  # the example: the tests after this one read it
+    type_in(page, "#lens-target", "␣Berlin")
+    trace(page)
+    page.wait_for_function("window.busyLabels.includes('\"Tracing…\"') && window.busyLabels.at(-1) === 'idle'",
+                           timeout=30_000)
+    wait_for_summary(page, "Target ␣Berlin: first becomes top-1")
+    labels = page.evaluate("window.busyLabels")
+    assert '"Tracing…"' in labels and labels[-1] == "idle", labels
+    assert page.locator("#lens-heatmap .heatmap-label").count() == N_ROWS * N_COLS
+
+
 def test_small_numbers_and_units_read_well(page):
     lens_tab(page)
     wait_for_summary(page, "predicts ␣Berlin")

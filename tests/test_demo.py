@@ -475,6 +475,62 @@ def test_first_view_is_traced_once_for_every_visitor(app):
     assert "predicts `␣Berlin`" in first["summary"]
 
 
+def test_a_first_load_says_its_progress_beside_the_inputs_and_then_traces():
+    # The trace's first load, as the page sees it: the note, then the heatmap (the trace runs in a thread).
+    fresh = LensApp(Settings())
+    steps = list(fresh.lens_tab.lens_steps(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "␣Berlin", "top-1 probability"))
+    notes = [step[UI_OUTPUTS.index("message")] for step in steps[:-2]]
+    assert notes and notes[0].startswith("⏳ Loading **") and notes[0].endswith("s so far")
+    assert steps[-2][UI_OUTPUTS.index("heatmap")] is not None and "predicts `␣Berlin`" in steps[-2][5]
+    # Opened now: the next trace goes straight to its result.
+    assert len(list(fresh.lens_tab.lens_steps(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "␣Berlin",
+                                              "top-1 probability"))) == 2
+
+
+def test_while_loading_shows_what_the_progress_bars_say_and_hands_back_the_result_or_error():
+    import threading
+    import time
+
+    from gradio.helpers import TrackedIterable
+
+    from ui.core import Core, progress_text
+
+    class Tracked:  # what Gradio's Progress holds while it tracks a tqdm bar (`iterables`)
+        iterables: list = []
+
+    progress, halfway, go_on = Tracked(), threading.Event(), threading.Event()
+
+    def download():
+        bar = TrackedIterable(None, 0, 200e6, "Downloading model.safetensors", "B")
+        progress.iterables = [bar]
+        bar.index = 100e6
+        halfway.set()
+        go_on.wait(10)
+        return "weights"
+
+    core = Core()
+    steps = core.while_loading("⏳ Loading", download, progress, lambda text: ("shown", text), every=0.05)
+    seen = []
+    try:
+        while True:
+            seen.append(next(steps))
+            if halfway.is_set() and any("50%" in text for _, text in seen):
+                go_on.set()
+    except StopIteration as done:
+        assert done.value == "weights"
+    assert seen[0][0] == "shown" and seen[0][1].startswith("⏳ Loading\n\n")
+    assert any("Downloading model.safetensors: 50% (100 of 200 MB) · " in text for _, text in seen)
+    assert progress_text(None) == "" and progress_text(Tracked()) == ""
+
+    def fails():
+        time.sleep(0.1)
+        raise ValueError("no network")
+
+    with pytest.raises(ValueError, match="no network"):
+        list(core.while_loading("⏳ Loading", fails, None, every=0.02))
+    assert list(core.while_loading(None, lambda: 1)) == []  # no first load: nothing to say
+
+
 def test_numbers_charts_and_tables_read_well(berlin):
     from ui.plots import percent
     from ui.tables import table_widths

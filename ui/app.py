@@ -36,6 +36,13 @@ label[data-testid$="unavailable-radio-label"] { opacity: 0.45; pointer-events: n
 /* The top-k table fits its column (widths from tables.table_widths): cells wrap, no sideways scrolling. */
 #lens-table .cell-wrap { font-size: 0.85em; white-space: normal; overflow-wrap: anywhere; }
 #lens-cell { display: none !important; }  /* carries heatmap clicks (page.js); not for people */
+/* While a trace runs (page.js's lensbenchBusy): a still "Tracing…" over the heatmap, not Gradio's animated
+   overlay, whose redraws of the whole plot 60 times a second took a CPU core from the trace. (Dimming the
+   plot is not free either: without a GPU, repainting it at another opacity slowed the trace too.) */
+.lb-busy { position: relative; }
+.lb-busy::after { content: "Tracing…"; position: absolute; top: 40%; left: 50%; transform: translate(-50%, -50%);
+                  z-index: 10; padding: 0.35em 0.9em; border-radius: 6px; font-weight: 600;
+                  background: var(--background-fill-primary); border: 1px solid var(--border-color-primary); }
 .range-note { color: var(--body-text-color-subdued); font-size: 0.85em; margin-top: 4px; }
 /* A message or note with nothing to say takes no room (not even the column's gap). Gradio wraps every
    Markdown in a block, so the block itself is never :empty; its text span is. */

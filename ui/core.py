@@ -10,10 +10,12 @@ it to the other views on the page). `app.build_app` builds each view the same wa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 import gradio as gr
@@ -125,6 +127,27 @@ def sub_progress(progress, start: float, span: float):
     return update
 
 
+def progress_text(progress) -> str:
+    """What the tqdm bars Gradio's `progress` tracks say now, in one line ("Downloading model.safetensors:
+    45% (121 of 269 MB)"); "" when there is none (no progress object, or nothing tracked yet)."""
+    parts = []
+    for bar in list(getattr(progress, "iterables", None) or []):
+        desc = (bar.desc or "").strip().rstrip(":") or "Working"
+        done, total = bar.index, bar.length
+        if total:
+            share = f"{min(1.0, (done or 0) / total):.0%}"
+            if (bar.unit or "").upper() == "B":
+                share += f" ({(done or 0) / 1e6:,.0f} of {total / 1e6:,.0f} MB)"
+            elif total > 1:
+                share += f" ({done or 0:,.0f} of {total:,.0f})"
+            parts.append(f"{desc}: {share}")
+        elif bar.progress is not None:
+            parts.append(f"{desc}: {bar.progress:.0%}")
+        else:
+            parts.append(desc)
+    return " · ".join(parts)
+
+
 def no_progress(fraction=None, desc=None) -> None:
     pass
 
@@ -225,6 +248,39 @@ class Core:
     @staticmethod
     def _key(name: str, backend: str, options: dict) -> tuple:
         return name, backend, tuple(sorted(options.items()))
+
+    def while_loading(self, note: str | None, work, progress=None, shown=lambda text: text, every: float = 0.5):
+        """Run `work()` and return what it returns (or raise its error), as a generator (`value =
+        yield from core.while_loading(...)`). With a `note` (a first load: `loading_note`), `work` runs in
+        a thread while this yields `shown(text)` each `every` s: the note, what the load's tqdm bars say
+        (a download, a conversion; read from Gradio's `progress`, which tracks them) and the seconds so
+        far. So the page shows progress beside the inputs and Gradio's own overlay (whose animation
+        redraws the page all the time a trace runs) can stay off. Without a note: `work()` here."""
+        if not note:
+            return work()
+        box: dict = {}
+        context = contextvars.copy_context()  # Gradio's progress and warnings follow the work into the thread
+
+        def run():
+            try:
+                box["value"] = context.run(work)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+
+        worker = threading.Thread(target=run, name="lensbench-load", daemon=True)
+        start = time.monotonic()
+        worker.start()
+        said = None
+        while worker.is_alive():
+            bars = progress_text(progress)
+            text = f"{note}\n\n{bars + ' · ' if bars else ''}{time.monotonic() - start:.0f} s so far"
+            if text != said:
+                yield shown(text)
+                said = text
+            worker.join(every)
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def open(self, model: str | None, backend: str, ignore_memory=False, *, lens_kind=None, remote=False,
              repo_id=None):

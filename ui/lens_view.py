@@ -89,20 +89,22 @@ class LensView:
         (the page's outputs, `self.outputs`). A mistake is a message beside the inputs, with a
         one-click fix when there is one, and the last trace's outputs are cleared."""
         choices = _choices(lens_kind, remote, repo_id)
-        yield from self._loading(model, backend, choices)
         try:
-            traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory, first_position,
-                                     **choices)
+            traced = yield from self._traced(progress, model, backend, prompt, target, top_k, temperature,
+                                             ignore_memory, first_position, choices=choices)
         except Exception as exc:
             yield self._failed(exc)
             return
         yield from self._shown(traced, metric)
 
-    def _loading(self, model, backend, choices: dict):
-        """Before a first load: what is happening, beside the inputs (the heatmap shows a spinner)."""
+    def _traced(self, progress, model, backend, *args, choices: dict):
+        """`Core.trace(model, backend, *args, **choices)` as a generator that returns the result. Before a
+        first load, the message beside the inputs says what is happening, with its progress (a download,
+        a conversion) and the seconds so far, until the trace is done."""
         note = self.core.loading_note(model, backend, **choices)
-        if note:
-            yield (gr.update(),) * 9 + (note,) + (gr.update(),) * 4
+        return (yield from self.core.while_loading(
+            note, lambda: self.core.trace(model, backend, *args, **choices), progress,
+            lambda text: (gr.update(),) * 9 + (text,) + (gr.update(),) * 4))
 
     def first_view(self, prompt, model, backend, top_k, temperature, target, metric, first_position=0,
                    ignore_memory=False, progress=gr.Progress(track_tqdm=True), lens_kind="logit", remote=False,
@@ -114,10 +116,9 @@ class LensView:
         with self._first_lock:
             first = self._first if self._first and self._first[0] == key else None
         if first is None:
-            yield from self._loading(model, backend, choices)
             try:
-                traced = self.core.trace(model, backend, prompt, target, top_k, temperature, ignore_memory,
-                                         first_position, **choices)
+                traced = yield from self._traced(progress, model, backend, prompt, target, top_k, temperature,
+                                                 ignore_memory, first_position, choices=choices)
             except Exception as exc:
                 yield self._failed(exc)
                 return
@@ -239,9 +240,9 @@ class LensView:
         note, suggestion = self._target_note(result, labels)
         later = gr.update()
         target = gr.update(value=shown_token(result.target.token)) if result.target is not None else later
-        yield (frozen, heatmap, later, later, later, summary, later, later,
-               gr.update(visible=True), note, gr.update(visible=bool(suggestion), value=_follow_label(suggestion)),
-               suggestion, target, gr.update(visible=False))
+        # (Each property update costs Gradio a component's config: the buttons and the target box wait.)
+        yield (frozen, heatmap, later, later, later, summary, later, later, gr.update(visible=True), note,
+               later, suggestion, later, later)
         chart = plots.target_chart([(result.backend, result)], col)
         choices = tables.position_choices(result, labels)
         table = tables.topk_table(result, col, labels)
@@ -251,7 +252,8 @@ class LensView:
         if not api:
             json_file, csv_file = gr.update(value=json_file, visible=True), gr.update(value=csv_file, visible=True)
         yield (frozen, later, chart, gr.update(choices=choices, value=col), table, later, json_file, csv_file,
-               later, later, later, later, later, later)
+               later, later, gr.update(visible=bool(suggestion), value=_follow_label(suggestion)), later, target,
+               gr.update(visible=False))
 
     def _failed(self, exc: Exception) -> tuple:
         """The outputs after a failed trace: the message (and a fix to click, when there is one),
@@ -364,16 +366,34 @@ class LensView:
         self.outputs = self.api_outputs + [self.results, self.message, self.suggest, self.suggested, self.target,
                                            self.follow_button]
 
+    @staticmethod
+    def busy(n_inputs: int) -> dict:
+        """Event options for a trace drawn in this tab's heatmap, with `n_inputs` inputs: in the page,
+        "Tracing…" stands over the heatmap (ui/page.js) from the click until the new one is drawn, in
+        place of Gradio's progress overlay. That overlay's animation kept the page redrawing the whole
+        plot as long as the trace ran, which took a CPU core from the trace on a machine without a GPU
+        (bench/bench_demo.py: the click took 1.8x the trace with it). A first load says its progress in
+        the message beside the inputs (`Core.while_loading`). Follow the event with `.then(**LensView.idle)`."""
+        js = (f"(...values) => {{ window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', true); "
+              f"return values.slice(0, {n_inputs}); }}")
+        return dict(api_visibility="private", show_progress="hidden", js=js)
+
+    idle = dict(fn=None, js="() => { window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', false); }",
+                api_visibility="private", queue=False)
+
     def connect(self, page: Page) -> None:
         """Wire the tab: Trace, the examples, redraws, picks, and the link to the Patch tab."""
-        run = dict(api_visibility="private", show_progress_on=[self.heatmap], **page.heavy)
-        self.trace_button.click(self.lens_steps, self.inputs, self.outputs, **run)
-        self.prompt.submit(self.lens_steps, self.inputs, self.outputs, **run)
-        self.target.submit(self.lens_steps, self.inputs, self.outputs, **run)
-        self.examples.load_input_event.then(self.lens_steps, self.inputs, self.outputs, **run)
+        def run(event, fn, inputs):
+            """A trace on `event`, with "Tracing…" over the heatmap until it ends (`busy`)."""
+            event(fn, inputs, self.outputs, **self.busy(len(inputs)), **page.heavy).then(**self.idle)
+
+        run(self.trace_button.click, self.lens_steps, self.inputs)
+        run(self.prompt.submit, self.lens_steps, self.inputs)
+        run(self.target.submit, self.lens_steps, self.inputs)
+        run(self.examples.load_input_event.then, self.lens_steps, self.inputs)
         # The same as one call with every output in its answer, for gradio_client and "Use via API".
         self.api_only.click(self.lens, self.api_inputs, self.api_outputs, api_name="lens", **page.heavy)
-        page.blocks.load(self.first_view, self.inputs, self.outputs, **run)
+        run(page.blocks.load, self.first_view, self.inputs)
 
         quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
         redraw_outputs = [self.heatmap, self.chart, self.table, self.summary]
@@ -385,9 +405,9 @@ class LensView:
                         [self.position, self.chart, self.table, self.summary, self.follow_button, self.picked],
                         **quick)
         follow_inputs = self.inputs[:5] + [self.metric, self.first_position, page.ignore_memory] + self.choices
-        self.suggest.click(self.follow, [self.suggested] + follow_inputs, self.outputs, **run)
-        self.follow_button.click(self.follow, [self.picked] + follow_inputs, self.outputs, **run)
-        self.table.select(self.table_picked, [self.traced, self.position] + follow_inputs, self.outputs, **run)
+        run(self.suggest.click, self.follow, [self.suggested] + follow_inputs)
+        run(self.follow_button.click, self.follow, [self.picked] + follow_inputs)
+        run(self.table.select, self.table_picked, [self.traced, self.position] + follow_inputs)
 
         page.model.change(self.model_changed, [page.model, self.backend], [self.backend, self.backend_note],
                           api_visibility="private", concurrency_limit=None)

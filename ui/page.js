@@ -1,4 +1,11 @@
 () => {
+    // A trace runs: "Tracing…" over its plot (CSS .lb-busy in ui/app.py) until the new figure is drawn
+    // (below) or the event ends (`on` false).
+    window.lensbenchBusy = (id, on) => {
+        const block = document.getElementById(id);
+        if (block) block.classList.toggle("lb-busy", on);
+    };
+
     // A number typed outside a slider's range is brought within by Gradio without a word: say so,
     // under the slider, until an in-range value is typed.
     document.addEventListener("change", (event) => {
@@ -36,8 +43,9 @@
         });
     };
     // Gradio's plot draws each new figure twice: in the plot component it is about to replace, then
-    // in the new one (each draw of the heatmap takes 100-300 ms without a GPU). Draw once, a moment
-    // later, only the newest figure of each plot still on the page.
+    // in the new one (each draw of the heatmap takes 100-300 ms without a GPU). Draw once, when the
+    // page's update is done, only the newest figure of each plot still on the page. (A microtask: a
+    // timer let the next message from the server, and its table, go first: 60 ms later on average.)
     const drawOnce = () => {
         const plotly = window.Plotly;
         if (!plotly || plotly.__lensbenchOnce) return;
@@ -47,7 +55,7 @@
         plotly.react = function (graph) {
             graph.__lensbenchWaiting = true;
             if (waiting.size === 0) {
-                setTimeout(() => {
+                queueMicrotask(() => {
                     const calls = waiting;
                     waiting = new Map();
                     for (const [g, args] of calls) {
@@ -60,8 +68,9 @@
                         const host = g.closest("[id]");
                         (window.lensbenchDraws = window.lensbenchDraws || []).push(
                             [host ? host.id : "", start, Date.now() - start]);
+                        if (host) host.classList.remove("lb-busy");  // the new result is there
                     }
-                }, 0);
+                });
             }
             waiting.set(graph, arguments);
             return Promise.resolve(graph);
