@@ -240,9 +240,9 @@ class LensView:
         note, suggestion = self._target_note(result, labels)
         later = gr.update()
         target = gr.update(value=shown_token(result.target.token)) if result.target is not None else later
-        # (Each property update costs Gradio a component's config: the buttons and the target box wait.)
-        yield (frozen, heatmap, later, later, later, summary, later, later, gr.update(visible=True), note,
-               later, suggestion, later, later)
+        yield (frozen, heatmap, later, later, later, summary, later, later,
+               gr.update(visible=True), note, gr.update(visible=bool(suggestion), value=_follow_label(suggestion)),
+               suggestion, target, gr.update(visible=False))
         chart = plots.target_chart([(result.backend, result)], col)
         choices = tables.position_choices(result, labels)
         table = tables.topk_table(result, col, labels)
@@ -252,8 +252,7 @@ class LensView:
         if not api:
             json_file, csv_file = gr.update(value=json_file, visible=True), gr.update(value=csv_file, visible=True)
         yield (frozen, later, chart, gr.update(choices=choices, value=col), table, later, json_file, csv_file,
-               later, later, gr.update(visible=bool(suggestion), value=_follow_label(suggestion)), later, target,
-               gr.update(visible=False))
+               later, later, later, later, later, later)
 
     def _failed(self, exc: Exception) -> tuple:
         """The outputs after a failed trace: the message (and a fix to click, when there is one),
