@@ -123,6 +123,7 @@ def assert_recovers(page) -> None:
     wait_for_summary(page, "Target ␣Berlin: first becomes top-1")
     assert page.inner_text("#lens-message").strip() == ""
     assert page.locator("#lens-heatmap").is_visible()
+    page.locator("#lens-json a").first.wait_for(timeout=30_000)  # the trace's last step: it is done
 
 
 # ---------------------------------------------------------------- first impression

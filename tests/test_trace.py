@@ -188,6 +188,8 @@ def test_half_precision_only_when_float32_does_not_fit_and_an_explicit_dtype_win
     # then loaded on a machine whose 400 MB hold it in bfloat16 (270 MB) but not in float32 (540 MB).
     copy = tmp_path / bundled_gguf().name
     shutil.copy2(bundled_gguf(), copy)
+    # The cache the fixture's conversion went to (a test before may have pointed LENSBENCH_CACHE elsewhere).
+    monkeypatch.setenv("LENSBENCH_CACHE", str(Path(smollm2.info["cache_dir"]).parents[1]))
     first = load_model(copy, device="cpu", dtype=torch.float32)
     assert first.dtype == torch.float32 and first.info["from_cache"]
     from tracing.loading import MODEL_CACHE

@@ -375,7 +375,8 @@ class LensView:
         the message beside the inputs (`Core.while_loading`). Follow the event with `.then(**LensView.idle)`."""
         js = (f"(...values) => {{ window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', true); "
               f"return values.slice(0, {n_inputs}); }}")
-        return dict(api_visibility="private", show_progress="hidden", js=js)
+        # A click while a trace runs is not lost: it traces again after (Gradio's default drops it).
+        return dict(api_visibility="private", show_progress="hidden", js=js, trigger_mode="always_last")
 
     idle = dict(fn=None, js="() => { window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', false); }",
                 api_visibility="private", queue=False)
