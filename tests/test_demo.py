@@ -481,7 +481,8 @@ def test_a_first_load_says_its_progress_beside_the_inputs_and_then_traces():
     steps = list(fresh.lens_tab.lens_steps(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "␣Berlin", "top-1 probability"))
     notes = [step[UI_OUTPUTS.index("message")] for step in steps[:-2]]
     assert notes and notes[0].startswith("⏳ Loading **") and notes[0].endswith("s so far")
-    assert steps[-2][UI_OUTPUTS.index("heatmap")] is not None and "predicts `␣Berlin`" in steps[-2][5]
+    result = dict(zip(UI_OUTPUTS, steps[-2]))
+    assert result["heatmap"] is not None and "predicts `␣Berlin`" in result["summary"]
     # Opened now: the next trace goes straight to its result.
     assert len(list(fresh.lens_tab.lens_steps(PROMPT, DEFAULT_MODEL_NAME, "hooks", 5, 1.0, "␣Berlin",
                                               "top-1 probability"))) == 2
