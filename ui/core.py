@@ -227,8 +227,8 @@ class Core:
 
     def loading_note(self, model: str | None, backend: str, **choices) -> str | None:
         """What the page says while (model, backend) loads, the first time it is used here; else None.
-        (The conversion's and a download's tqdm bars move the progress bar meanwhile.) `choices`:
-        as for `open`."""
+        (The conversion's and a download's tqdm bars move Gradio's progress bar meanwhile, or, in the
+        Lens tab, whose traces run without it, this note: `while_loading`.) `choices`: as for `open`."""
         try:
             entry = self.catalog.pick(model)
             options = self.tracer_options(entry.name, backend, **choices)
