@@ -270,6 +270,29 @@ def test_same_numbers_as_transformer_lens_direct_logit_attribution(tiny_loaded, 
         np.testing.assert_allclose(ours.heads.reshape(-1), heads.attribution.squeeze()[:-1].numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_attribute_and_add_up(dtype):
+    """A model too big for float32 loads in half precision (tracing.device): attribution must run on
+    it, not refuse it for half precision's own rounding (it did, until the sum and norm checks
+    allowed a few of the dtype's steps), and give float32's parts to within that rounding."""
+    from tests.conftest import word_tokenizer
+    from tests.tiny_models import VOCAB, tiny_model
+    from tracing.hooks import HooksTracer
+    from tracing.loading import LoadedModel
+    from tracing.models import ModelSource
+
+    def tracer(weights):
+        loaded = LoadedModel(ModelSource("hf", "tiny/gemma3_text", "tiny gemma3_text"), tiny_model("gemma3_text").to(weights),
+                             word_tokenizer(VOCAB), torch.device("cpu"), weights, 0)
+        return HooksTracer(loaded)
+
+    half = attribute_with(tracer(dtype), "w5 w6 w7 w8 w9 w10", "w12", "w13")
+    full = attribute_with(tracer(torch.float32), "w5 w6 w7 w8 w9 w10", "w12", "w13")
+    assert half.total == pytest.approx(half.final_logit, abs=0.02 * max(1.0, abs(half.final_logit)))
+    np.testing.assert_allclose(half.mlp, full.mlp, atol=0.03 * np.abs(full.mlp).max())
+    np.testing.assert_allclose(half.attention, full.attention, atol=0.03 * np.abs(full.attention).max())
+
+
 # ---------------------------------------------------------------- what a person can get wrong
 
 

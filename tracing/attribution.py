@@ -117,7 +117,7 @@ def describe_norm(module: nn.Module, d: int) -> NormSpec | None:
         probes = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.ones(1, d, dtype=torch.float64),
                             alternating, check])
         with torch.no_grad():
-            out = _first_tensor(module(probes.to(device=device, dtype=dtype))).double().cpu().numpy()
+            out = _first_tensor(module(probes.to(device=device, dtype=dtype))).cpu().double().numpy()
     except Exception:  # not a function of one [rows, d] tensor
         return None
     if out.shape != (5, d):
@@ -130,7 +130,9 @@ def describe_norm(module: nn.Module, d: int) -> NormSpec | None:
     gain = np.where(u[0] != 0, (out[2] - bias) * denominator / np.where(u[0] != 0, u[0], 1),
                     (out[3] - bias) * denominator / np.where(u[1] != 0, u[1], 1))
     spec = NormSpec(kind, eps, gain, bias if np.abs(bias).max() > 0 else None)
-    if np.abs(spec(check.numpy()[0]) - out[4]).max() > 1e-4 * max(1.0, float(np.abs(out[4]).max())):
+    # float32: 1e-4 of the output's scale; half precision: 4 of its own rounding steps.
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps)
+    if np.abs(spec(check.numpy()[0]) - out[4]).max() > tolerance * max(1.0, float(np.abs(out[4]).max())):
         return None
     return spec
 
@@ -550,8 +552,8 @@ class TorchAttribution:
         weight_t = weight.detach()
         self.readout = Readout(
             norm=norm,
-            rows=lambda ids: weight_t[ids].double().cpu().numpy(),
-            unembed_bias=(lambda ids: bias.detach()[ids].double().cpu().numpy()) if bias is not None else None,
+            rows=lambda ids: weight_t[ids].cpu().double().numpy(),
+            unembed_bias=(lambda ids: bias.detach()[ids].cpu().double().numpy()) if bias is not None else None,
             scale=scale,
             softcap=softcap,
         )
@@ -594,7 +596,7 @@ class TorchAttribution:
                 return None, f"{kind}'s output projection does not split into its heads"
             steps: list[Step] = []
             if o_proj.bias is not None:
-                steps.append(("bias", o_proj.bias.detach().double().cpu().numpy()))
+                steps.append(("bias", o_proj.bias.detach().cpu().double().numpy()))
             if write.attn is not attn:  # a post-norm: frozen at its own input's scale
                 spec = describe_norm(write.attn, self.d_model)
                 if spec is None:
@@ -602,7 +604,7 @@ class TorchAttribution:
                 steps.append(("norm", spec))
             if write.attn_scale != 1:
                 steps.append(("scale", write.attn_scale))
-            weight = o_proj.weight.detach().double().cpu().numpy()  # [d, heads x head_dim]
+            weight = o_proj.weight.detach().cpu().double().numpy()  # [d, heads x head_dim]
             per_head = np.ascontiguousarray(weight.reshape(weight.shape[0], n_heads, -1).transpose(1, 2, 0))
             found.append((o_proj, n_heads, per_head, steps))  # [heads, head_dim, d]
         return found, None
@@ -644,7 +646,7 @@ class TorchAttribution:
                 h.remove()
 
         def vector(t: torch.Tensor) -> np.ndarray:
-            return t.double().cpu().numpy()
+            return t.cpu().double().numpy()
 
         embeddings = vector(last["embeddings"])
         outs = np.stack([vector(last[("out", i)]) for i in range(self.n_blocks)])
@@ -652,7 +654,7 @@ class TorchAttribution:
         before = np.concatenate([embeddings[None], outs[:-1]])
         mlp = outs - before - attention
         # The model's own logits before any soft-cap: its unembedding's output, linearly scaled.
-        logits = last["logits"].double().cpu().numpy() * self.readout.scale
+        logits = last["logits"].cpu().double().numpy() * self.readout.scale
         parts = Parts(embeddings, attention, mlp, outs[-1], logits,
                       output[0, -1].float().cpu().numpy(), heads_note=self.heads_note)
         if heads and self.heads is not None:

@@ -184,9 +184,9 @@ def _topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     full = n_groups * _GROUP
     group_max = z[:, :full].reshape(cells, _GROUP, n_groups).amax(1)
     groups = group_max.topk(k, dim=-1).indices  # [cells, k]
-    candidates = (groups.unsqueeze(-1) + n_groups * torch.arange(_GROUP)).reshape(cells, -1)
+    candidates = (groups.unsqueeze(-1) + n_groups * torch.arange(_GROUP, device=z.device)).reshape(cells, -1)
     if full < vocab:
-        tail = torch.arange(full, vocab).expand(cells, -1)
+        tail = torch.arange(full, vocab, device=z.device).expand(cells, -1)
         candidates = torch.cat([candidates, tail], dim=-1)
     values, where = z.gather(1, candidates).topk(k, dim=-1)
     return values, candidates.gather(1, where)
@@ -200,10 +200,10 @@ class _CellStats:
     more in page faults than the arithmetic itself.
     """
 
-    def __init__(self, vocab: int, top_k: int, target_id: int | None):
+    def __init__(self, vocab: int, top_k: int, target_id: int | None, device: torch.device | None = None):
         self.top_k = top_k
         self.target_id = target_id
-        self.scratch = torch.empty(_CELLS_AT_ONCE, vocab)
+        self.scratch = torch.empty(_CELLS_AT_ONCE, vocab, device=device)  # where the logits are (cpu, cuda, mps)
 
     def __call__(self, z: torch.Tensor, final_p: torch.Tensor | None, final_neg_entropy: torch.Tensor | None):
         """Returns (top ids, top probs, entropy, KL(final || cell) or None, target prob, target rank,
@@ -281,8 +281,8 @@ def summarize(
         else:
             final_z = logits_of(hidden[-1:])[0]
         vocab = final_z.shape[-1]
-        stats_of = _CellStats(vocab, max(1, min(top_k, vocab)), target_id)
-        final_p = torch.empty(n_pos, vocab)
+        stats_of = _CellStats(vocab, max(1, min(top_k, vocab)), target_id, final_z.device)
+        final_p = torch.empty(n_pos, vocab, device=final_z.device)
         final = []
         for p0 in range(0, n_pos, _CELLS_AT_ONCE):
             *values, softmax = stats_of(final_z[p0 : p0 + _CELLS_AT_ONCE], None, None)
