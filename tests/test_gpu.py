@@ -214,3 +214,24 @@ def test_a_jacobian_lens_fitted_on_the_gpu_reads_the_same_on_the_cpu(pair, tmp_p
     ref = trace_with(jacobian_tracer(cpu.loaded, tmp_path / "jl"), CLEAN)
     assert ours.lens[1] == "jacobian"
     np.testing.assert_allclose(ours.topk_probs, ref.topk_probs, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["transformer-lens", "tuned-lens", "nnsight"])
+def test_the_other_pytorch_backends_trace_on_the_gpu_as_hooks_does_on_the_cpu(folders, backend):
+    pytest.importorskip(backend.replace("-", "_"))
+    from tracing.api import open_tracer, trace_with
+
+    folder = str(folders("gemma3_text"))
+    tracer = open_tracer(folder, backend, device=os.environ.get("LENSBENCH_TEST_GPU"))
+    ours = trace_with(tracer, CLEAN, target=TARGET)
+    ref = trace_with(open_tracer(folder, "hooks", device="cpu"), CLEAN, target=TARGET)
+    assert ours.backend == backend and ours.info["device"].startswith(GPUS[0])
+    np.testing.assert_array_equal(ours.topk_ids[:, :, 0], ref.topk_ids[:, :, 0])
+    np.testing.assert_allclose(ours.topk_probs, ref.topk_probs, atol=1e-4)
+    np.testing.assert_allclose(ours.target.prob, ref.target.prob, atol=1e-4)
+    if backend == "nnsight":  # nnsight's own patching runtime, as NDIF would run it
+        from tracing.patching import patch_with
+
+        grid = patch_with(tracer, CLEAN, CORRUPT, TARGET, CONTRAST, sublayers=False)
+        expected = patch_with(open_tracer(folder, "hooks", device="cpu"), CLEAN, CORRUPT, TARGET, CONTRAST, sublayers=False)
+        np.testing.assert_allclose(grid.effect, expected.effect, atol=1e-3, rtol=1e-3)

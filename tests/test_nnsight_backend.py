@@ -81,6 +81,24 @@ def test_patching_agrees_with_the_hooks_runtime(smollm2_hooks, smollm2_nnsight):
         np.testing.assert_allclose(result.patched_top1_prob, reference.patched_top1_prob, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "granite"])
+def test_patching_reads_the_models_own_output_after_its_soft_cap_or_scaling(tiny_loaded, arch):
+    """Gemma 2's final soft-cap and Granite's logit scaling come after the unembedding: the patching
+    metric is read on the model's output, as the hooks runtime reads it (nnsight read the
+    unembedding's output: Gemma 2's clean logit difference came out -4.99 instead of -3.00)."""
+    from tracing.hooks import HooksTracer
+    from tracing.nnsight_backend import NnsightTracer
+    from tracing.patching import patch_with
+
+    loaded = tiny_loaded(arch)
+    args = ("w5 w6 w7 w8 w9 w10", "w5 w6 w11 w8 w9 w10", "w12", "w13")
+    reference = patch_with(loaded.adapter("hooks", HooksTracer), *args)
+    result = patch_with(loaded.adapter("nnsight", NnsightTracer), *args)
+    assert result.clean_value == pytest.approx(reference.clean_value, abs=1e-4)
+    for name in ("effect", "attn_effect", "mlp_effect"):
+        np.testing.assert_allclose(getattr(result, name), getattr(reference, name), atol=1e-4, rtol=1e-4)
+
+
 def test_command_line_json(smollm2, capsys):
     from tracing.__main__ import main
 

@@ -453,23 +453,33 @@ def _patched_summary(logits, keep_ids, k):
     return top.indices.cpu(), top.values.cpu(), logp[keep_ids].cpu()
 
 
-def patch_session(model, sites, clean_ids, corrupt_ids, cells, keep_ids, k, cells_per_forward, backend=None):
+def patch_session(model, sites, clean_ids, corrupt_ids, cells, keep_ids, k, cells_per_forward, backend=None,
+                  transforms=()):
     """Clean, corrupted and every patched run of a patching grid in one nnsight session (one NDIF job).
 
-    sites: (site, row) -> (envoy, whether its input rather than its output is the vector). The clean
+    sites: (site, row) -> (envoy, whether its input rather than its output is the vector).
+    transforms: the logit transforms (fn, value) the model's forward applies after its unembedding
+    (Gemma 2/3's soft-cap): the metric is read on the model's own output, as the hooks runtime reads it. The clean
     vectors never leave the session (the patched traces read them where they were captured); what
     comes back is the clean and corrupted last-position logits and each cell's `_patched_summary`.
     """
     unembed = sites["unembed"]
+
+    def last_logits():
+        logits = unembed.output[0, -1]
+        for fn, value in transforms:
+            logits = fn(logits, value)
+        return logits
+
     with torch.no_grad(), model.session(backend=backend):
         with model.trace(torch.tensor([clean_ids])):
             clean = {}
             for key, (envoy, is_input) in sites["order"]:
                 value = envoy.input if is_input else envoy.output
                 clean[key] = _first_tensor(value)[0].clone()
-            clean_logits = unembed.output[0, -1].float().cpu().save()
+            clean_logits = last_logits().float().cpu().save()
         with model.trace(torch.tensor([corrupt_ids])):
-            corrupt_logits = unembed.output[0, -1].float().cpu().save()
+            corrupt_logits = last_logits().float().cpu().save()
         patched = [].save()
         for start in range(0, len(cells), cells_per_forward):
             with model.trace() as tracer:
@@ -478,7 +488,7 @@ def patch_session(model, sites, clean_ids, corrupt_ids, cells, keep_ids, k, cell
                         envoy, is_input = sites["by_key"][(site, row)]
                         value = envoy.input if is_input else envoy.output
                         _first_tensor(value)[0, position] = clean[(site, row)][position]
-                        patched.append(_patched_summary(unembed.output[0, -1], keep_ids, k))
+                        patched.append(_patched_summary(last_logits(), keep_ids, k))
     return clean_logits, corrupt_logits, patched
 
 
@@ -530,7 +540,7 @@ class NnsightRuntime:
 
         def job(backend=None):
             return patch_session(model, sites, list(clean_ids), list(corrupt_ids), plain, keep, PATCHED_K,
-                                 self.cells_per_forward, backend=backend)
+                                 self.cells_per_forward, backend=backend, transforms=self.tracer.lens.transforms)
 
         if self.tracer.remote:
             result = run_remote(job, model, self.tracer.repo_id, self.tracer.timeout)
