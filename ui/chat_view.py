@@ -282,8 +282,8 @@ class ChatView:
                         page.ignore_memory]
         head = [page.tabs, lens.prompt, lens.target, lens.backend, lens.first_position, self.status]
         # The button traces with the lens the Lens tab shows for llama.cpp (the API: the logit lens).
-        self.trace_button.click(self.trace_reply_steps, trace_inputs + [lens.lens_kind], head + lens.outputs,
-                                **lens.busy(len(trace_inputs) + 1), **page.heavy).then(**lens.idle)
+        lens.traced_event(self.trace_button.click, self.trace_reply_steps, trace_inputs + [lens.lens_kind],
+                          head + lens.outputs, page.heavy)
         lens_api = head[:-1] + lens.api_outputs
         self.api_trace.click(self.trace_reply, trace_inputs, lens_api, api_name="trace_reply", **page.heavy)
 

@@ -366,26 +366,31 @@ class LensView:
                                            self.follow_button]
 
     @staticmethod
-    def busy(n_inputs: int) -> dict:
-        """Event options for a trace drawn in this tab's heatmap, with `n_inputs` inputs: in the page,
-        "Tracing…" stands over the heatmap (ui/page.js) from the click until the new one is drawn, in
-        place of Gradio's progress overlay. That overlay's animation kept the page redrawing the whole
-        plot as long as the trace ran, which took a CPU core from the trace on a machine without a GPU
-        (bench/bench_demo.py: the click took 1.8x the trace with it). A first load says its progress in
-        the message beside the inputs (`Core.while_loading`). Follow the event with `.then(**LensView.idle)`."""
-        js = (f"(...values) => {{ window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', true); "
-              f"return values.slice(0, {n_inputs}); }}")
-        # A click while a trace runs is not lost: it traces again after (Gradio's default drops it).
-        return dict(api_visibility="private", show_progress="hidden", js=js, trigger_mode="always_last")
+    def traced_event(event, fn, inputs, outputs, heavy: dict) -> None:
+        """Wire a trace drawn in this tab's heatmap to `event` (a listener such as `button.click`).
 
-    idle = dict(fn=None, js="() => { window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', false); }",
-                api_visibility="private", queue=False)
+        In the page, "Tracing…" stands over the heatmap (ui/page.js) from the trigger until the new one
+        is drawn or the event ends, in place of Gradio's progress overlay: that overlay's animation kept
+        the page redrawing the whole plot as long as the trace ran, which took a CPU core from the trace
+        on a machine without a GPU (bench/bench_demo.py: the click took 1.8x the trace with it). The
+        label is its own browser-only event: as a `js` step of the trace itself, Gradio first copied
+        every output's value (the figures, the table) to hand them to it, ~35 ms before the request
+        left. A first load says its progress in the message beside the inputs (`Core.while_loading`).
+        A trigger while a trace runs is not lost: it traces again after (Gradio's default drops it).
+        """
+        event(**LensView._busy)
+        event(fn, inputs, outputs, api_visibility="private", show_progress="hidden", trigger_mode="always_last",
+              **heavy).then(**LensView._idle)
+
+    _busy = dict(fn=None, js="() => { window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', true); }",
+                 api_visibility="private", queue=False)
+    _idle = dict(fn=None, js="() => { window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', false); }",
+                 api_visibility="private", queue=False)
 
     def connect(self, page: Page) -> None:
         """Wire the tab: Trace, the examples, redraws, picks, and the link to the Patch tab."""
         def run(event, fn, inputs):
-            """A trace on `event`, with "Tracing…" over the heatmap until it ends (`busy`)."""
-            event(fn, inputs, self.outputs, **self.busy(len(inputs)), **page.heavy).then(**self.idle)
+            self.traced_event(event, fn, inputs, self.outputs, page.heavy)
 
         run(self.trace_button.click, self.lens_steps, self.inputs)
         run(self.prompt.submit, self.lens_steps, self.inputs)
