@@ -779,7 +779,7 @@ def generate(
 ) -> SteeredReply:
     """One chat answer with `steering` applied (a Steering, (vector, strength[, layers]), or None).
 
-    On a GGUF (llama-cpp): `chat.engine.stream_chat` with llama.cpp's control vector on the shared
+    On a GGUF (llama-cpp): `runtime.chat.stream_chat` with llama.cpp's control vector on the shared
     model's context. On PyTorch (hooks): transformers' `generate` with the chat template, the hooks
     adding the vector, sampling seeded by `seed`. Strength 0 gives exactly the unsteered answer.
     """
@@ -787,7 +787,7 @@ def generate(
     messages = _messages(prompt_or_messages)
     start = time.perf_counter()
     if runtime_name(model, backend) == "llama-cpp":
-        from chat.engine import stream_chat
+        from runtime.chat import stream_chat
 
         options.pop("device", None)  # llama.cpp places the layers itself
 
@@ -806,10 +806,10 @@ def _generate_torch(tracer, messages, system, steering, temperature, top_p, max_
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from chat.engine import _check_settings, _normalize
+    from runtime.chat import check_settings, normalize_messages
 
-    _check_settings(temperature, top_p, max_tokens, seed)
-    conversation = ([{"role": "system", "content": system}] if system and system.strip() else []) + _normalize(messages)
+    check_settings(temperature, top_p, max_tokens, seed)
+    conversation = ([{"role": "system", "content": system}] if system and system.strip() else []) + normalize_messages(messages)
     loaded = tracer.loaded
     tokenizer, model = loaded.tokenizer, tracer.lens.model
     if getattr(tokenizer, "chat_template", None):
