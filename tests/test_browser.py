@@ -8,6 +8,7 @@ Playwright's own browser download cannot work offline; Debian's `chromium` packa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,21 @@ def page(browser, server):
     page.wait_for_selector("#lens-trace", timeout=SLOW)
     yield page
     page.close()
+    assert errors == []
+
+
+@contextlib.contextmanager
+def app_page(url: str):
+    """Headless Chromium on the app at `url` in a laptop's window (1400 x 1000), for a test that opens
+    its own browser; yields the page, and fails the test if the page raised a JavaScript error."""
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.goto(url)
+        yield page
+        browser.close()
     assert errors == []
 
 

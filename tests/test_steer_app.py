@@ -141,18 +141,11 @@ SLOW = 180_000
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="Debian's chromium is not installed")
 def test_a_visitor_builds_sweeps_and_recovers_from_a_mistake(demo_server, tmp_path):
-    from playwright import sync_api
-
-    from tests.test_browser import FLAGS, wait_for_text
+    from tests.test_browser import app_page, wait_for_text
 
     url, app = demo_server
     assert any(v.id == "steer" for v in app.views)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-        page.goto(url)
+    with app_page(url) as page:
         page.locator("#tab-steer-button, button[role=tab]:has-text('Steer')").first.click()
         page.locator("#steer-positive textarea").fill(POSITIVE)
         page.locator("#steer-negative textarea").fill("")  # a mistake first: an empty set
@@ -184,5 +177,3 @@ def test_a_visitor_builds_sweeps_and_recovers_from_a_mistake(demo_server, tmp_pa
         page.wait_for_function("() => document.querySelectorAll('#steer-answers .steer-reply').length == 2",
                                timeout=SLOW)
         assert page.inner_text("#steer-answer-message").strip() == ""
-        browser.close()
-    assert errors == []
