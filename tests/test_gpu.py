@@ -235,3 +235,21 @@ def test_the_other_pytorch_backends_trace_on_the_gpu_as_hooks_does_on_the_cpu(fo
         grid = patch_with(tracer, CLEAN, CORRUPT, TARGET, CONTRAST, sublayers=False)
         expected = patch_with(open_tracer(folder, "hooks", device="cpu"), CLEAN, CORRUPT, TARGET, CONTRAST, sublayers=False)
         np.testing.assert_allclose(grid.effect, expected.effect, atol=1e-3, rtol=1e-3)
+
+
+def test_the_apps_default_the_bundled_gguf_on_pytorch_reads_berlin_on_the_gpu():
+    """What the app opens with on a Mac: the bundled SmolLM2 GGUF dequantized into PyTorch (hooks) on
+    the device picked by default. The same " Berlin" as on the CPU (0.796 in float32)."""
+    from tracing.api import open_tracer, trace_with
+    from tracing.errors import ModelNotFound
+
+    try:
+        gpu = open_tracer(None, "hooks", device=os.environ.get("LENSBENCH_TEST_GPU"))
+    except ModelNotFound:
+        pytest.skip("the bundled SmolLM2 GGUF is not installed here")
+    cpu = open_tracer(None, "hooks", device="cpu")
+    prompt = "The capital of Germany is"
+    ours, ref = trace_with(gpu, prompt, target=" Berlin"), trace_with(cpu, prompt, target=" Berlin")
+    assert ours.info["device"].startswith(GPUS[0]) and ours.topk_tokens[-1][-1][0] == " Berlin"
+    assert ours.target.prob[-1, -1] == pytest.approx(ref.target.prob[-1, -1], abs=2e-3)
+    assert (ours.topk_ids[:, :, 0] == ref.topk_ids[:, :, 0]).mean() > 0.98
