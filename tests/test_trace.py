@@ -183,13 +183,19 @@ def test_a_cpu_load_of_the_bundled_model_is_float32_and_says_so(smollm2, smollm2
 
 
 def test_half_precision_only_when_float32_does_not_fit_and_an_explicit_dtype_wins(smollm2, monkeypatch, tmp_path):
-    # The model converted once with the machine's real memory (converting needs float32 and more:
-    # the `smollm2` fixture did it, into the shared cache a copy with the same bytes and times finds),
+    # The model converted once with the machine's real memory (converting needs float32 and more),
     # then loaded on a machine whose 400 MB hold it in bfloat16 (270 MB) but not in float32 (540 MB).
+    # The conversion is the `smollm2` fixture's, written into this test's own cache by the loader's own
+    # writer: the shared cache keeps one version per file name, so another test's copy of the file
+    # (a new modification time) may have replaced the fixture's there.
+    from tracing.loading import _save_cache, cache_dir
+    from tracing.models import fingerprint, resolve
+
     copy = tmp_path / bundled_gguf().name
     shutil.copy2(bundled_gguf(), copy)
-    # The cache the fixture's conversion went to (a test before may have pointed LENSBENCH_CACHE elsewhere).
-    monkeypatch.setenv("LENSBENCH_CACHE", str(Path(smollm2.info["cache_dir"]).parents[1]))
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    _save_cache(smollm2.model, smollm2.tokenizer, cache_dir() / "gguf" / f"{copy.stem}-{fingerprint(copy)}",
+                resolve(str(copy)))
     first = load_model(copy, device="cpu", dtype=torch.float32)
     assert first.dtype == torch.float32 and first.info["from_cache"]
     from tracing.loading import MODEL_CACHE
