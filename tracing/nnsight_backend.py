@@ -74,7 +74,7 @@ def lens_statistics(first_input, block_outputs, final, unembed, transforms, posi
         logits = unembed(h)
         for fn, value in transforms:
             logits = fn(logits, value)
-        return logits.float().cpu()  # the statistics run on the CPU (summarize's scratch buffers live there)
+        return logits.float().cpu()  # the statistics on the CPU of wherever the model runs (NDIF's for a remote run)
 
     stats = summarize(hidden, project, top_k=top_k, temperature=temperature, target_id=target_id,
                       vocab_size=int(unembed.weight.shape[0]) if hasattr(unembed, "weight") else None)
