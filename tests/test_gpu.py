@@ -137,7 +137,7 @@ def test_attention_patterns_and_expert_routing_are_the_cpus(pair):
     cpu, gpu = pair
     ours, ref = attention_with(gpu, CLEAN), attention_with(cpu, CLEAN)
     np.testing.assert_allclose(ours.pattern.sum(-1), 1.0, atol=1e-4)  # each query's row is a distribution
-    np.testing.assert_allclose(ours.pattern, ref.pattern, atol=1e-4)  # mps sums in another order than the CPU
+    np.testing.assert_allclose(ours.pattern, ref.pattern, atol=1e-4)  # a GPU may sum in another order (the H200 met 1e-5)
     assert (ours.routing is None) == (ref.routing is None)
     if ref.routing is not None:  # the MoE model: the same experts for every token
         np.testing.assert_array_equal(ours.routing.experts, ref.routing.experts)
