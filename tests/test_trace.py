@@ -86,6 +86,15 @@ def test_gguf_cache_is_used_then_invalidated_when_the_file_changes(tmp_path, mon
     assert third.info["from_cache"] is False
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] != [d.name for d in cached_dirs]
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1  # the stale cache was removed
+    # A copy of the file elsewhere, under the same name (a new modification time): converted once
+    # more, into a cache of its own, and the first file's conversion stays.
+    copy = tmp_path / "elsewhere" / "tiny.gguf"
+    copy.parent.mkdir()
+    shutil.copy(gguf, copy)
+    MODEL_CACHE.clear()
+    assert load_model(str(copy), device="cpu").info["from_cache"] is False
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 2
+    assert fresh_load().info["from_cache"] is True
     MODEL_CACHE.clear()
 
 
@@ -186,8 +195,8 @@ def test_half_precision_only_when_float32_does_not_fit_and_an_explicit_dtype_win
     # The model converted once with the machine's real memory (converting needs float32 and more),
     # then loaded on a machine whose 400 MB hold it in bfloat16 (270 MB) but not in float32 (540 MB).
     # The conversion is the `smollm2` fixture's, written into this test's own cache by the loader's own
-    # writer: the shared cache keeps one version per file name, so another test's copy of the file
-    # (a new modification time) may have replaced the fixture's there.
+    # writer, so the test does not depend on what earlier tests left in the shared cache (it failed on a
+    # fresh clone when another test's copy of the file had replaced the fixture's conversion there).
     from tracing.loading import _save_cache, cache_dir
     from tracing.models import fingerprint, resolve
 

@@ -294,8 +294,17 @@ def _dtype_info(dtype: torch.dtype, reason: str, verdict) -> dict:
     return info
 
 
+def _converted_from(folder: Path) -> Path | None:
+    """The GGUF a cache folder was converted from, as its completion file records it (None: unknown)."""
+    try:
+        return Path(json.loads((folder / _COMPLETE).read_text())["gguf"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
-    """Save a GGUF-loaded model as float32 safetensors; replace caches of older versions of the file."""
+    """Save a GGUF-loaded model as float32 safetensors; replace caches of older versions of the same
+    file (a copy of it elsewhere, under the same name, keeps its own)."""
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf") until the quantizer is dropped;
     # its weights are plain float tensors by now.
     model.hf_quantizer = None
@@ -304,8 +313,10 @@ def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
         del model.config.quantization_config
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
+    here = Path(source.path).resolve()
     for stale in parent.glob(f"{source.path.stem}-*"):
-        if stale.name.rsplit("-", 1)[0] == source.path.stem and stale != target:
+        if stale.name.rsplit("-", 1)[0] == source.path.stem and stale != target \
+                and _converted_from(stale) in (None, here):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
