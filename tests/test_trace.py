@@ -95,6 +95,13 @@ def test_gguf_cache_is_used_then_invalidated_when_the_file_changes(tmp_path, mon
     assert load_model(str(copy), device="cpu").info["from_cache"] is False
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 2
     assert fresh_load().info["from_cache"] is True
+    # The copy deleted: its conversion goes at the next conversion of a file of that name.
+    copy.unlink()
+    with open(gguf, "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        f.write(byte)  # the byte as it was: a new version again
+    assert fresh_load().info["from_cache"] is False
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
     MODEL_CACHE.clear()
 
 

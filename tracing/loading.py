@@ -303,8 +303,8 @@ def _converted_from(folder: Path) -> Path | None:
 
 
 def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
-    """Save a GGUF-loaded model as float32 safetensors; replace caches of older versions of the same
-    file (a copy of it elsewhere, under the same name, keeps its own)."""
+    """Save a GGUF-loaded model as float32 safetensors; remove the conversions of older versions of the
+    same file and of same-named files that are gone (a copy elsewhere, still there, keeps its own)."""
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf") until the quantizer is dropped;
     # its weights are plain float tensors by now.
     model.hf_quantizer = None
@@ -315,8 +315,10 @@ def _save_cache(model, tokenizer, target: Path, source: ModelSource) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     here = Path(source.path).resolve()
     for stale in parent.glob(f"{source.path.stem}-*"):
-        if stale.name.rsplit("-", 1)[0] == source.path.stem and stale != target \
-                and _converted_from(stale) in (None, here):
+        if stale.name.rsplit("-", 1)[0] != source.path.stem or stale == target:
+            continue
+        origin = _converted_from(stale)
+        if origin is None or origin == here or not origin.exists():  # this file's, or a file now gone
             shutil.rmtree(stale, ignore_errors=True)
     tmp = parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
