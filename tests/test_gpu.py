@@ -144,7 +144,7 @@ def test_attention_patterns_and_expert_routing_are_the_cpus(pair):
         np.testing.assert_allclose(ours.routing.weights, ref.routing.weights, atol=1e-4)
 
 
-def test_a_steering_vector_built_and_applied_on_the_gpu_is_the_cpus(pair, folders):
+def test_a_steering_vector_built_and_applied_on_the_gpu_is_the_cpus(pair):
     from tracing.api import trace_with
     from tracing.steering import build_with, generate
 
