@@ -18,12 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import VOCAB, tiny_model
+from tests.test_tuned_lens_backend import random_text, save_tiny_model
+
+
+DEVICE = os.environ.get("LENSBENCH_TEST_GPU")  # None: the device load_model picks by itself
 
 
 def _gpus() -> list[str]:
-    if os.environ.get("LENSBENCH_TEST_GPU"):
-        return [os.environ["LENSBENCH_TEST_GPU"]]
+    if DEVICE:
+        return [DEVICE]
     found = ["cuda"] if torch.cuda.is_available() else []
     if torch.backends.mps.is_available():
         found.append("mps")
@@ -39,23 +42,14 @@ CLEAN, CORRUPT = "w5 w6 w7 w8 w9 w10", "w5 w6 w11 w8 w9 w10"
 TARGET, CONTRAST = "w12", "w13"
 
 
-def random_text(n_words: int, seed: int = 1) -> str:
-    generator = torch.Generator().manual_seed(seed)
-    return " ".join(f"w{i}" for i in torch.randint(3, VOCAB, (n_words,), generator=generator).tolist())
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """arch -> a saved model folder (tests/tiny_models.py's model with its word tokenizer)."""
-    from tests.conftest import word_tokenizer
-
     made = {}
 
     def folder(arch: str):
         if arch not in made:
-            made[arch] = tmp_path_factory.mktemp(arch)
-            tiny_model(arch).save_pretrained(made[arch])
-            word_tokenizer(VOCAB).save_pretrained(made[arch])
+            made[arch] = save_tiny_model(tmp_path_factory.mktemp(arch), arch)
         return made[arch]
 
     return folder
@@ -69,7 +63,7 @@ def pair(request, folders):
 
     folder = str(folders(request.param))
     cpu = open_tracer(folder, "hooks", device="cpu")
-    gpu = open_tracer(folder, "hooks", device=os.environ.get("LENSBENCH_TEST_GPU"))
+    gpu = open_tracer(folder, "hooks", device=DEVICE)
     return cpu, gpu
 
 
@@ -160,7 +154,7 @@ def test_a_steering_vector_built_and_applied_on_the_gpu_is_the_cpus(pair):
     # Generation with the vector added (greedy: the same tokens on both devices).
     folder = cpu.loaded.source.location
     on_gpu = generate(CLEAN, (ours, 4.0), folder, "hooks", temperature=0, max_tokens=6,
-                      device=os.environ.get("LENSBENCH_TEST_GPU"))
+                      device=DEVICE)
     on_cpu = generate(CLEAN, (ref, 4.0), folder, "hooks", temperature=0, max_tokens=6, device="cpu")
     assert on_gpu.text == on_cpu.text and on_gpu.text.strip()
 
@@ -174,9 +168,8 @@ def test_half_precision_on_the_gpu_traces_and_attributes(folders):
     from tracing.loading import load_model
 
     folder = str(folders("llama"))
-    device = os.environ.get("LENSBENCH_TEST_GPU")
-    half = load_model(folder, device=device, dtype=torch.bfloat16).adapter("hooks", HooksTracer)
-    full = load_model(folder, device=device).adapter("hooks", HooksTracer)
+    half = load_model(folder, device=DEVICE, dtype=torch.bfloat16).adapter("hooks", HooksTracer)
+    full = load_model(folder, device=DEVICE).adapter("hooks", HooksTracer)
     assert half.loaded.dtype == torch.bfloat16
     ours, ref = trace_with(half, CLEAN, target=TARGET), trace_with(full, CLEAN, target=TARGET)
     assert (ours.topk_ids[-1, :, 0] == ref.topk_ids[-1, :, 0]).mean() >= 0.5
@@ -185,7 +178,6 @@ def test_half_precision_on_the_gpu_traces_and_attributes(folders):
 
 
 def test_a_tuned_lens_trained_on_the_gpu_reads_the_same_on_the_cpu(pair, tmp_path):
-    pytest.importorskip("tuned_lens")
     from tracing.api import trace_with
     from tracing.train_lens import train_lens
     from tracing.tuned_lens_backend import tuned_lens_tracer
@@ -201,7 +193,6 @@ def test_a_tuned_lens_trained_on_the_gpu_reads_the_same_on_the_cpu(pair, tmp_pat
 
 
 def test_a_jacobian_lens_fitted_on_the_gpu_reads_the_same_on_the_cpu(pair, tmp_path):
-    pytest.importorskip("transformer_lens")
     from tracing.api import trace_with
     from tracing.fit_lens import fit_jacobian_lens
     from tracing.jacobian_lens_backend import jacobian_tracer
@@ -218,11 +209,10 @@ def test_a_jacobian_lens_fitted_on_the_gpu_reads_the_same_on_the_cpu(pair, tmp_p
 
 @pytest.mark.parametrize("backend", ["transformer-lens", "tuned-lens", "nnsight"])
 def test_the_other_pytorch_backends_trace_on_the_gpu_as_hooks_does_on_the_cpu(folders, backend):
-    pytest.importorskip(backend.replace("-", "_"))
     from tracing.api import open_tracer, trace_with
 
     folder = str(folders("gemma3_text"))
-    tracer = open_tracer(folder, backend, device=os.environ.get("LENSBENCH_TEST_GPU"))
+    tracer = open_tracer(folder, backend, device=DEVICE)
     ours = trace_with(tracer, CLEAN, target=TARGET)
     ref = trace_with(open_tracer(folder, "hooks", device="cpu"), CLEAN, target=TARGET)
     assert ours.backend == backend and ours.info["device"].startswith(GPUS[0])
@@ -237,19 +227,14 @@ def test_the_other_pytorch_backends_trace_on_the_gpu_as_hooks_does_on_the_cpu(fo
         np.testing.assert_allclose(grid.effect, expected.effect, atol=1e-3, rtol=1e-3)
 
 
-def test_the_apps_default_the_bundled_gguf_on_pytorch_reads_berlin_on_the_gpu():
+def test_the_apps_default_the_bundled_gguf_on_pytorch_reads_berlin_on_the_gpu(smollm2_hooks):
     """What the app opens with on a Mac: the bundled SmolLM2 GGUF dequantized into PyTorch (hooks) on
     the device picked by default. The same " Berlin" as on the CPU (0.796 in float32)."""
     from tracing.api import open_tracer, trace_with
-    from tracing.errors import ModelNotFound
 
-    try:
-        gpu = open_tracer(None, "hooks", device=os.environ.get("LENSBENCH_TEST_GPU"))
-    except ModelNotFound:
-        pytest.skip("the bundled SmolLM2 GGUF is not installed here")
-    cpu = open_tracer(None, "hooks", device="cpu")
+    gpu = open_tracer(None, "hooks", device=DEVICE)
     prompt = "The capital of Germany is"
-    ours, ref = trace_with(gpu, prompt, target=" Berlin"), trace_with(cpu, prompt, target=" Berlin")
+    ours, ref = trace_with(gpu, prompt, target=" Berlin"), trace_with(smollm2_hooks, prompt, target=" Berlin")
     assert ours.info["device"].startswith(GPUS[0]) and ours.topk_tokens[-1][-1][0] == " Berlin"
     assert ours.target.prob[-1, -1] == pytest.approx(ref.target.prob[-1, -1], abs=2e-3)
     assert (ours.topk_ids[:, :, 0] == ref.topk_ids[:, :, 0]).mean() > 0.98

@@ -177,11 +177,11 @@ def test_6_tuned_lens_cli_does_not_import_but_ours_trains(tmp_path, capsys):
 # ---- a trained tuned lens ----
 
 
-def save_tiny_model(folder):
-    """tests/tiny_models.py's llama with its word tokenizer, as a model folder the CLI can open."""
+def save_tiny_model(folder, arch: str = "llama"):
+    """tests/tiny_models.py's model of `arch` with its word tokenizer, as a model folder the CLI can open."""
     from tests.conftest import word_tokenizer
 
-    tiny_model("llama").save_pretrained(folder)
+    tiny_model(arch).save_pretrained(folder)
     word_tokenizer(VOCAB).save_pretrained(folder)
     return folder
 

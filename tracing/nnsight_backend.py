@@ -459,9 +459,9 @@ def patch_session(model, sites, clean_ids, corrupt_ids, cells, keep_ids, k, cell
 
     sites: (site, row) -> (envoy, whether its input rather than its output is the vector).
     transforms: the logit transforms (fn, value) the model's forward applies after its unembedding
-    (Gemma 2/3's soft-cap): the metric is read on the model's own output, as the hooks runtime reads it. The clean
-    vectors never leave the session (the patched traces read them where they were captured); what
-    comes back is the clean and corrupted last-position logits and each cell's `_patched_summary`.
+    (Gemma 2/3's soft-cap): the metric is read on the model's own output, as the hooks runtime reads it.
+    The clean vectors never leave the session (the patched traces read them where they were captured);
+    what comes back is the clean and corrupted last-position logits and each cell's `_patched_summary`.
     """
     unembed = sites["unembed"]
 

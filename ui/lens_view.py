@@ -374,8 +374,8 @@ class LensView:
         the page redrawing the whole plot as long as the trace ran, which took a CPU core from the trace
         on a machine without a GPU (bench/bench_demo.py: the click took 1.8x the trace with it). The
         label is its own browser-only event: as a `js` step of the trace itself, Gradio first copied
-        every output's value (the figures, the table) to hand them to it, ~35 ms before the request
-        left. A first load says its progress in the message beside the inputs (`Core.while_loading`).
+        every output's value (the figures, the table) to hand them to it before the request left
+        (about 15 ms of CPU per click in a profile). A first load says its progress in the message beside the inputs (`Core.while_loading`).
         A trigger while a trace runs is not lost: it traces again after (Gradio's default drops it).
         """
         event(**LensView._busy)
