@@ -151,3 +151,48 @@ def test_lens_example_heatmap_hover_and_backend_switch(page, server, tmp_path):
     assert "predicts ␣Berlin" in text
     hover = hover_cell(page, 30, 4, 31, 5)
     assert "1. ␣Berlin" in hover
+
+
+# Counts plotly's drawings of each plot on the page ("afterplot", by the plot's element id), from now on.
+COUNT_DRAWINGS = """() => {
+    window.drawings = {};
+    const hook = () => document.querySelectorAll('.js-plotly-plot').forEach((g) => {
+        if (g.__counted || typeof g.on !== 'function') return;
+        g.__counted = true;
+        const id = g.closest('[id]').id;
+        g.on('plotly_afterplot', () => { window.drawings[id] = (window.drawings[id] || 0) + 1; });
+    });
+    hook();
+    new MutationObserver(hook).observe(document.body, {childList: true, subtree: true});
+}"""
+PLOT_WIDTHS = """(ids) => ids.map((id) => {
+    const g = document.querySelector('#' + id + ' .js-plotly-plot');
+    return [Math.round(g.getBoundingClientRect().width), g._fullLayout.width];
+})"""
+
+
+def test_a_new_result_is_drawn_once_at_its_width_and_follows_the_window(page):
+    """Gradio has plotly refit each new figure to its box (`Plots.resize`), which drew the figure all
+    over again 100 ms later even when the box had not changed: every plot twice per update, 0.1-0.3 s of
+    a CPU-only browser's time each. ui/page.js draws each once; a figure still fits its box, and still
+    follows the window when it changes."""
+    wait_for_summary(page, "predicts ␣Berlin")
+    page.locator("#lens-chart .scatterlayer").first.wait_for()
+    page.evaluate(COUNT_DRAWINGS)
+    box = page.locator("#lens-temperature input[type=number]")
+    box.fill("1.5")
+    box.press("Enter")
+    page.wait_for_timeout(300)
+    page.locator("#lens-trace").click()
+    page.wait_for_function("() => window.drawings['lens-heatmap'] && window.drawings['lens-chart']", timeout=SLOW)
+    page.wait_for_timeout(1500)  # a second drawing came 100 ms after the first
+    assert page.evaluate("window.drawings") == {"lens-heatmap": 1, "lens-chart": 1}
+    plots = ["lens-heatmap", "lens-chart"]
+    wide = page.evaluate(PLOT_WIDTHS, plots)
+    assert all(box == drawn for box, drawn in wide), wide
+
+    page.set_viewport_size({"width": 900, "height": 1000})
+    page.wait_for_function(f"(ids) => ({PLOT_WIDTHS})(ids).every(([box, drawn]) => box === drawn)", arg=plots,
+                           timeout=10_000)
+    narrow = page.evaluate(PLOT_WIDTHS, plots)
+    assert all(n[1] < w[1] for n, w in zip(narrow, wide)), (narrow, wide)

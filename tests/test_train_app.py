@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_learned_lenses import CACHE, TEXT
+from tests.test_learned_lenses import CACHE, TEXT, smollm2_jacobian, smollm2_tuned  # noqa: F401 (fixtures)
 from tests.test_tuned_lens_backend import random_text, save_tiny_model
 from tracing.jacobian_lens_backend import default_jacobian_dir, fitted_lens_dir
 from tracing.models import DEFAULT_MODEL_NAME, resolve
