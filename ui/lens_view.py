@@ -365,8 +365,7 @@ class LensView:
         self.outputs = self.api_outputs + [self.results, self.message, self.suggest, self.suggested, self.target,
                                            self.follow_button]
 
-    @staticmethod
-    def traced_event(event, fn, inputs, outputs, heavy: dict) -> None:
+    def traced_event(self, event, fn, inputs, outputs, heavy: dict) -> None:
         """Wire a trace drawn in this tab's heatmap to `event` (a listener such as `button.click`).
 
         In the page, "Tracing…" stands over the heatmap (ui/page.js) from the trigger until the new one
@@ -377,10 +376,14 @@ class LensView:
         every output's value (the figures, the table) to hand them to it before the request left
         (about 15 ms of CPU per click in a profile). A first load says its progress in the message beside the inputs (`Core.while_loading`).
         A trigger while a trace runs is not lost: it traces again after (Gradio's default drops it).
+        Gradio's progress is tracked on the heatmap alone (`show_progress_on`), not on all 14 outputs: at
+        each message from the server (about six a trace) the page copied the value of every component
+        that ever had a progress, and each output ran its own timer every frame while the trace ran
+        (27 components copied per message, 15 after; the request leaves 25 ms after the click, not 30-58).
         """
         event(**LensView._busy)
-        event(fn, inputs, outputs, api_visibility="private", show_progress="hidden", trigger_mode="always_last",
-              **heavy).then(**LensView._idle)
+        event(fn, inputs, outputs, api_visibility="private", show_progress="hidden", show_progress_on=self.heatmap,
+              trigger_mode="always_last", **heavy).then(**LensView._idle)
 
     _busy = dict(fn=None, js="() => { window.lensbenchBusy && window.lensbenchBusy('lens-heatmap', true); }",
                  api_visibility="private", queue=False)
