@@ -50,13 +50,14 @@ DEFAULT_METRIC = "top-1 probability"
 # labels drawn as they are. Plotly's default ("hide past div") measures every tick label's box in the
 # page, label by label, to hide those that would leave the figure: a third of a heatmap's drawing time in
 # a browser without a GPU (bench/bench_demo.py's example: 99 -> 62 ms a draw). The margins here fit the
-# labels, and the axes keep `automargin`, so it never hid one. Merged once here: a default named
-# "plotly+..." is merged again for every figure (20 ms of a heatmap's 10 ms build).
+# labels, and the axes keep `automargin`, so the default never hid one. Merged once here: a default
+# named "plotly+..." is merged again for every figure (a heatmap's build went from 10 to 30 ms).
 pio.templates["lensbench"] = pio.templates.merge_templates("plotly", go.layout.Template(
     layout=dict(xaxis=dict(ticklabeloverflow="allow"), yaxis=dict(ticklabeloverflow="allow")),
     data=dict(heatmap=[go.Heatmap(colorbar=dict(ticklabeloverflow="allow"))]),
 ))
 pio.templates.default = "lensbench"
+
 _CELL_CHARS = 8  # longest cell label before it is cut (the hover shows it whole)
 _TICK_CHARS = 12  # longest token in an axis label before it is cut
 _MAX_LABELLED_COLUMNS = 40  # wider heatmaps drop the cell labels (unreadable there); hovering still shows all
