@@ -204,14 +204,13 @@ def test_half_precision_only_when_float32_does_not_fit_and_an_explicit_dtype_win
     # The conversion is the `smollm2` fixture's, written into this test's own cache by the loader's own
     # writer, so the test does not depend on what earlier tests left in the shared cache (it failed on a
     # fresh clone when another test's copy of the file had replaced the fixture's conversion there).
-    from tracing.loading import _save_cache, cache_dir
-    from tracing.models import fingerprint, resolve
+    from tracing.loading import _save_cache, gguf_cache_folder
+    from tracing.models import resolve
 
     copy = tmp_path / bundled_gguf().name
     shutil.copy2(bundled_gguf(), copy)
     monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
-    _save_cache(smollm2.model, smollm2.tokenizer, cache_dir() / "gguf" / f"{copy.stem}-{fingerprint(copy)}",
-                resolve(str(copy)))
+    _save_cache(smollm2.model, smollm2.tokenizer, gguf_cache_folder(copy), resolve(str(copy)))
     first = load_model(copy, device="cpu", dtype=torch.float32)
     assert first.dtype == torch.float32 and first.info["from_cache"]
     from tracing.loading import MODEL_CACHE

@@ -242,7 +242,7 @@ def _load_gguf(source: ModelSource, device: torch.device, requested: torch.dtype
         )
     dtype, reason = pick_dtype(device, facts.n_params * 4, requested)
     weights_bytes = facts.n_params * _dtype_bytes(dtype)
-    target = cache_dir() / "gguf" / f"{source.path.stem}-{fingerprint(source.path)}"
+    target = gguf_cache_folder(source.path)
     from_cache = (target / _COMPLETE).is_file()
     if not from_cache:
         # transformers holds the quantized file, a float32 state dict and the model at once.
@@ -292,6 +292,12 @@ def _dtype_info(dtype: torch.dtype, reason: str, verdict) -> dict:
     if verdict.warning:
         info["memory_warning"] = verdict.message
     return info
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where the float32 conversion of this version of `gguf` is cached: <cache>/gguf/<stem>-<fingerprint>
+    (a new fingerprint, a new folder, when the file changes)."""
+    return cache_dir() / "gguf" / f"{gguf.stem}-{fingerprint(gguf)}"
 
 
 def _converted_from(folder: Path) -> Path | None:

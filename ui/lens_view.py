@@ -374,8 +374,9 @@ class LensView:
         on a machine without a GPU (bench/bench_demo.py: the click took 1.8x the trace with it). The
         label is its own browser-only event: as a `js` step of the trace itself, Gradio first copied
         every output's value (the figures, the table) to hand them to it before the request left
-        (about 15 ms of CPU per click in a profile). A first load says its progress in the message beside the inputs (`Core.while_loading`).
-        A trigger while a trace runs is not lost: it traces again after (Gradio's default drops it).
+        (about 15 ms of CPU per click in a profile). A first load says its progress in the message
+        beside the inputs (`Core.while_loading`). A trigger while a trace runs is not lost: it traces
+        again after (Gradio's default drops it).
         Gradio's progress is tracked on the heatmap alone (`show_progress_on`), not on all 14 outputs: at
         each message from the server (about six a trace) the page copied the value of every component
         that ever had a progress, and each output ran its own timer every frame while the trace ran
